@@ -4,7 +4,6 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
-export DS_ACCELERATOR ?= $(shell $(PY) -c "import torch,sys; sys.stdout.write('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 
 .PHONY: setup demo test bench lint clean
 
