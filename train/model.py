@@ -1,0 +1,284 @@
+"""RWKV-4 language model, as BlinkDL's RWKV-LM `RWKV-v4neo/src/model.py` defines it.
+
+Parameter names, shapes, the block structure and the initialisation follow RWKV-LM v4neo so that
+its checkpoints, the `rwkv` pip package and `transformers.RwkvForCausalLM` interoperate by renaming
+keys only. Two modes:
+
+- parallel (`model(idx)`): the whole sequence at once, WKV through `train.wkv.wkv`, for training;
+- RNN (`model.forward_rnn(tokens, state)`): carries the standard RWKV-4 state for inference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from train.config import ModelConfig
+from train.wkv import wkv
+
+# RNN state layout per layer, as the `rwkv` package keeps it: the time-mixing input of the previous
+# token, the WKV numerator/denominator (aa, bb) scaled by exp(-pp), the running max exponent pp,
+# and the channel-mixing input of the previous token.
+STATE_ATT_X, STATE_AA, STATE_BB, STATE_PP, STATE_FFN_X = range(5)
+STATE_SLOTS = 5
+# pp starts at "minus infinity" in a finite form, so pp + w stays finite (as the rwkv package does).
+PP_INIT = -1e38
+
+
+def _token_shift(x: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
+    """x shifted one step later in time: the previous token's features (zeros, or x_prev, at t=0).
+
+    Same as RWKV-LM's nn.ZeroPad2d((0, 0, 1, -1)) on (B, T, C).
+    """
+    if x_prev is None:
+        return F.pad(x, (0, 0, 1, -1))
+    return torch.cat([x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+
+
+def _mix(xx: torch.Tensor, dx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """x * mix + xx * (1 - mix), written as xx + (x - xx) * mix with dx = x - xx shared by the mixes."""
+    return torch.addcmul(xx, dx, mix)
+
+
+class TimeMix(nn.Module):
+    """RWKV-LM's RWKV_TimeMix: token shift, k/v/r projections, WKV, sigmoid(r) gate, output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        C, A = cfg.n_embd, cfg.dim_att
+        self.time_decay = nn.Parameter(torch.empty(A))
+        self.time_first = nn.Parameter(torch.empty(A))
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+
+    def _kvr(self, x: torch.Tensor, xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dx = x - xx
+        k = self.key(_mix(xx, dx, self.time_mix_k))
+        v = self.value(_mix(xx, dx, self.time_mix_v))
+        r = self.receptance(_mix(xx, dx, self.time_mix_r))
+        return k, v, r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, v, r = self._kvr(x, _token_shift(x))
+        y = wkv(self.time_decay, self.time_first, k, v, backend=self.cfg.wkv_backend, t_max=self.cfg.ctx_len)
+        return self.output(torch.sigmoid(r) * y.to(r.dtype))
+
+    def forward_rnn(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C); s (5, B, C) this layer's state. Projections run for all T at once; only the
+        WKV recurrence steps through time (the rwkv package's stable aa/bb/pp form)."""
+        k, v, r = self._kvr(x, _token_shift(x, s[STATE_ATT_X]))
+        k, v = k.float(), v.float()
+        w = -torch.exp(self.time_decay.float())
+        u = self.time_first.float()
+        aa, bb, pp = s[STATE_AA], s[STATE_BB], s[STATE_PP]
+        ys = []
+        for t in range(x.shape[1]):
+            kt, vt = k[:, t], v[:, t]
+            ww = u + kt
+            p = torch.maximum(pp, ww)
+            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+            ys.append((e1 * aa + e2 * vt) / (e1 * bb + e2))
+            ww = pp + w
+            p = torch.maximum(ww, kt)
+            e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
+            aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
+        y = torch.stack(ys, dim=1).to(r.dtype)
+        out = self.output(torch.sigmoid(r) * y)
+        new_s = torch.stack([x[:, -1].float(), aa, bb, pp, s[STATE_FFN_X]])
+        return out, new_s
+
+
+class ChannelMix(nn.Module):
+    """RWKV-LM's RWKV_ChannelMix: token shift, squared-ReLU key, value, sigmoid(receptance) gate."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        C, Fd = cfg.n_embd, cfg.dim_ffn
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, Fd, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(Fd, C, bias=False)
+
+    def _mixed(self, x: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        dx = x - xx
+        k = torch.square(torch.relu(self.key(_mix(xx, dx, self.time_mix_k))))
+        return torch.sigmoid(self.receptance(_mix(xx, dx, self.time_mix_r))) * self.value(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mixed(x, _token_shift(x))
+
+    def forward_rnn(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._mixed(x, _token_shift(x, x_prev)), x[:, -1].float()
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: (ln0 on block 0), x + att(ln1(x)), x + ffn(ln2(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        eps = cfg.layer_norm_eps
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd, eps=eps)
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=eps)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=eps)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        x = x + self.att(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+    def forward_rnn(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        att_out, s = self.att.forward_rnn(self.ln1(x), s)
+        x = x + att_out
+        ffn_out, ffn_x = self.ffn.forward_rnn(self.ln2(x), s[STATE_FFN_X])
+        x = x + ffn_out
+        return x, torch.cat([s[:STATE_FFN_X], ffn_x.unsqueeze(0)])
+
+
+class RWKV(nn.Module):
+    """RWKV-4 language model. `model(idx) -> logits`; `model.forward_rnn(tokens, state)` for inference."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if self.emb.weight.device.type != "meta":
+            self.init_weights()
+
+    # ----------------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """RWKV-LM v4neo initialisation (RWKV-v4neo/src/model.py).
+
+        Vectors: the "fancy init" in RWKV_TimeMix.__init__ / RWKV_ChannelMix.__init__ with
+        ratio_0_to_1 = layer_id / (n_layer - 1), ratio_1_to_almost0 = 1 - layer_id / n_layer,
+        ddd[i] = i / n_embd:
+          time_decay[h] = -5 + 8 * (h / (dim_att - 1)) ** (0.7 + 1.3 * ratio_0_to_1)
+          time_first    = log(0.3) + zigzag, zigzag[i] = 0.5 * ((i + 1) % 3 - 1)
+          att.time_mix_k = ddd ** ratio_1_to_almost0
+          att.time_mix_v = ddd ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1
+          att.time_mix_r = ddd ** (0.5 * ratio_1_to_almost0)
+          ffn.time_mix_k = ffn.time_mix_r = ddd ** ratio_1_to_almost0
+        LayerNorms: weight 1, bias 0.
+        Matrices: RWKV.generate_init_weight: gain = sqrt(rows / cols) when rows > cols; scale 0
+        (zeros) for att.key, att.receptance, att.output, ffn.value, ffn.receptance; head scale 0.5;
+        emb scale -1e-4 (uniform in [-1e-4, 1e-4]); everything else orthogonal with gain * scale
+        (att.value, ffn.key).
+        """
+        cfg = self.cfg
+        C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
+        ddd = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
+        h = torch.arange(A, dtype=torch.float64)
+        zigzag = ((torch.arange(A) + 1) % 3 - 1).double() * 0.5
+        for layer_id, block in enumerate(self.blocks):
+            ratio_0_to_1 = layer_id / (L - 1) if L > 1 else 0.0
+            ratio_1_to_almost0 = 1.0 - layer_id / L
+            att, ffn = block.att, block.ffn
+            att.time_decay.copy_(-5 + 8 * (h / (A - 1)) ** (0.7 + 1.3 * ratio_0_to_1))
+            att.time_first.copy_(torch.ones(A, dtype=torch.float64) * math.log(0.3) + zigzag)
+            att.time_mix_k.copy_(torch.pow(ddd, ratio_1_to_almost0))
+            att.time_mix_v.copy_(torch.pow(ddd, ratio_1_to_almost0) + 0.3 * ratio_0_to_1)
+            att.time_mix_r.copy_(torch.pow(ddd, 0.5 * ratio_1_to_almost0))
+            ffn.time_mix_k.copy_(torch.pow(ddd, ratio_1_to_almost0))
+            ffn.time_mix_r.copy_(torch.pow(ddd, ratio_1_to_almost0))
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        zero_init = (".att.key.", ".att.receptance.", ".att.output.", ".ffn.value.", ".ffn.receptance.")
+        for name, p in self.named_parameters():
+            if p.dim() != 2:
+                continue
+            if name == "emb.weight":
+                nn.init.uniform_(p, a=-1e-4, b=1e-4)
+                continue
+            if any(z in name for z in zero_init):
+                nn.init.zeros_(p)
+                continue
+            rows, cols = p.shape
+            gain = math.sqrt(rows / cols) if rows > cols else 1.0
+            scale = 0.5 if name == "head.weight" else 1.0
+            _orthogonal_(p, gain * scale)
+
+    # ----------------------------------------------------------------------------- parallel mode
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        x = self.emb(idx)
+        for block in self.blocks:
+            if self.cfg.grad_cp and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head(self.ln_out(x))
+
+    # ----------------------------------------------------------------------------- RNN mode
+    def init_state(self, batch_size: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """Fresh RNN state, fp32, shape (n_layer, 5, [batch_size,] n_embd); slots STATE_ATT_X..STATE_FFN_X."""
+        device = device if device is not None else self.emb.weight.device
+        shape = (self.cfg.n_layer, STATE_SLOTS) + ((batch_size,) if batch_size is not None else ()) + (
+            self.cfg.n_embd,
+        )
+        state = torch.zeros(shape, dtype=torch.float32, device=device)
+        state[:, STATE_PP] = PP_INIT
+        return state
+
+    def forward_rnn(
+        self, tokens: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed tokens (T,) or (B, T) after `state`; return the last token's logits ((V,) or (B, V))
+        and the new state ((n_layer, 5, C) or (n_layer, 5, B, C)). The input state is not modified."""
+        if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0:
+            raise ValueError(f"forward_rnn expects tokens of shape (T,) or (B, T) with T >= 1, got {tuple(tokens.shape)}")
+        unbatched = tokens.dim() == 1
+        if unbatched:
+            tokens = tokens.unsqueeze(0)
+        B = tokens.shape[0]
+        if state is None:
+            state = self.init_state(B, tokens.device)
+        elif unbatched:
+            state = state.unsqueeze(2)
+        expected = (self.cfg.n_layer, STATE_SLOTS, B, self.cfg.n_embd)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"forward_rnn state has shape {tuple(state.shape)}, expected {expected}")
+        x = self.emb(tokens)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, s = block.forward_rnn(x, state[i])
+            new_states.append(s)
+        logits = self.head(self.ln_out(x[:, -1]))
+        new_state = torch.stack(new_states)
+        if unbatched:
+            return logits.squeeze(0), new_state.squeeze(2)
+        return logits, new_state
+
+
+def _orthogonal_(p: torch.Tensor, gain: float) -> None:
+    """nn.init.orthogonal_ computed in fp32 (QR has no bf16/fp16 kernels) and copied into p."""
+    if p.dtype == torch.float32:
+        nn.init.orthogonal_(p, gain=gain)
+        return
+    tmp = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    nn.init.orthogonal_(tmp, gain=gain)
+    p.copy_(tmp)
