@@ -53,9 +53,13 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.dim_att != self.n_embd:
             # RWKV-4's time_mix and residual stream assume dim_att == n_embd (as RWKV-LM's v4 does).
-            raise ValueError(f"ModelConfig.dim_att ({self.dim_att}) must equal n_embd ({self.n_embd}) for RWKV-4")
+            raise ValueError(
+                f"ModelConfig.dim_att ({self.dim_att}) must equal n_embd ({self.n_embd}) for RWKV-4"
+            )
         if self.wkv_backend not in WKV_BACKENDS:
-            raise ValueError(f"ModelConfig.wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}")
+            raise ValueError(
+                f"ModelConfig.wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -65,7 +69,9 @@ class ModelConfig:
         values = {**PRESETS[key], "preset": key}
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)} in overrides for preset {name!r}")
+            raise ValueError(
+                f"unknown ModelConfig field(s) {sorted(unknown)} in overrides for preset {name!r}"
+            )
         values.update(overrides)
         return cls(**values)
 
@@ -92,7 +98,7 @@ class ModelConfig:
         return 2 * V * D + L * per_layer + 4 * D
 
     def matmul_params(self) -> int:
-        """Parameters used in a matrix multiply per token (everything but the embedding lookup and vectors)."""
+        """Parameters used in a matrix multiply per token (all but the embedding lookup and vectors)."""
         D, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.dim_ffn
         return L * (5 * D * D + 2 * D * F) + V * D
 

@@ -234,11 +234,15 @@ class RWKV(nn.Module):
         return self.head(self.ln_out(x))
 
     # ----------------------------------------------------------------------------- RNN mode
-    def init_state(self, batch_size: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def init_state(
+        self, batch_size: int | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """Fresh RNN state, fp32, shape (n_layer, 5, [batch_size,] n_embd); slots STATE_ATT_X..STATE_FFN_X."""
         device = device if device is not None else self.emb.weight.device
-        shape = (self.cfg.n_layer, STATE_SLOTS) + ((batch_size,) if batch_size is not None else ()) + (
-            self.cfg.n_embd,
+        shape = (
+            (self.cfg.n_layer, STATE_SLOTS)
+            + ((batch_size,) if batch_size is not None else ())
+            + (self.cfg.n_embd,)
         )
         state = torch.zeros(shape, dtype=torch.float32, device=device)
         state[:, STATE_PP] = PP_INIT
@@ -250,7 +254,9 @@ class RWKV(nn.Module):
         """Feed tokens (T,) or (B, T) after `state`; return the last token's logits ((V,) or (B, V))
         and the new state ((n_layer, 5, C) or (n_layer, 5, B, C)). The input state is not modified."""
         if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0:
-            raise ValueError(f"forward_rnn expects tokens of shape (T,) or (B, T) with T >= 1, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"forward_rnn expects tokens of shape (T,) or (B, T) with T >= 1, got {tuple(tokens.shape)}"
+            )
         unbatched = tokens.dim() == 1
         if unbatched:
             tokens = tokens.unsqueeze(0)
