@@ -1,0 +1,100 @@
+# shellcheck shell=bash
+# Common environment for every launch script (deepspeed.sh, torchrun.sh, slurm.sbatch).
+# Sourced, never executed. A value already set by the caller always wins: these are defaults.
+#
+# Also defines the helpers the scripts share: rwkv_forwarded_env (the KEY=VALUE pairs that
+# must reach every node), rwkv_write_ds_env_file (the same for the deepspeed launcher's ssh
+# runner) and rwkv_node_cmd (run a node's command, or print it when DRY_RUN=1).
+
+RWKV_LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+RWKV_REPO_DIR="$(cd "$RWKV_LAUNCH_DIR/.." && pwd)"
+export RWKV_LAUNCH_DIR RWKV_REPO_DIR
+
+# The trainer is `python -m train`; run it from the repository so the package is importable
+# even where it was not pip-installed (a cluster's shared checkout).
+export PYTHONPATH="$RWKV_REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
+: "${PYTHON:=python}"
+
+# --- threads: torch would start one OpenMP thread per core in every rank and oversubscribe.
+: "${OMP_NUM_THREADS:=1}"
+export OMP_NUM_THREADS
+
+# --- accelerator: empty lets DeepSpeed detect it (cuda on GPU nodes); `cpu` for CPU-only runs.
+if [ -n "${DS_ACCELERATOR:-}" ]; then export DS_ACCELERATOR; fi
+
+# --- JIT build caches. The WKV kernel and DeepSpeed ops build once per cache dir; a dir on a
+# shared filesystem builds once per cluster (torch takes a file lock while building).
+: "${TORCH_EXTENSIONS_DIR:=$HOME/.cache/torch_extensions}"
+# Triton's cache misbehaves on NFS; keep it node-local.
+: "${TRITON_CACHE_DIR:=${TMPDIR:-/tmp}/triton-cache-${USER:-$(id -un)}}"
+export TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR
+
+# --- NCCL. Only defaults that are safe everywhere; cluster-specific ones (NCCL_IB_HCA,
+# NCCL_IB_GID_INDEX, NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, ...) are passed through as set.
+: "${NCCL_DEBUG:=WARN}"
+# A rank whose peer died raises instead of hanging in a collective until the timeout.
+: "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+export NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING
+
+# --- rendezvous defaults
+: "${MASTER_PORT:=29500}"
+: "${RDZV_PORT:=29400}"
+
+# Variables every rank on every node must see. Prefix patterns end in `_`.
+RWKV_FORWARDED_VARS=(
+  NCCL_ TORCH_NCCL_ GLOO_SOCKET_IFNAME TP_SOCKET_IFNAME UCX_ CUDA_DEVICE_MAX_CONNECTIONS
+  OMP_NUM_THREADS DS_ACCELERATOR TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR PYTHONPATH
+  HF_HOME WANDB_
+)
+
+# Print KEY=VALUE for every forwarded variable that is set, one a line, sorted.
+rwkv_forwarded_env() {
+  local name pattern
+  while IFS= read -r name; do
+    for pattern in "${RWKV_FORWARDED_VARS[@]}"; do
+      if [[ "$pattern" == *_ && "$name" == "$pattern"* ]] || [[ "$name" == "$pattern" ]]; then
+        printf '%s=%s\n' "$name" "${!name}"
+        break
+      fi
+    done
+  done < <(compgen -e | sort)
+}
+
+# The deepspeed launcher's ssh runner forwards only a few prefixes by itself; everything else
+# must be listed in its env file (DS_ENV_FILE; an absolute path is honoured).
+rwkv_write_ds_env_file() {
+  local file="$1"
+  rwkv_forwarded_env >"$file"
+  export DS_ENV_FILE="$file"
+}
+
+# True when dry-run was asked for, by DRY_RUN=1 or a --dry-run flag (scripts set DRY_RUN).
+rwkv_dry_run() { [ "${DRY_RUN:-0}" != "0" ] && [ -n "${DRY_RUN:-}" ]; }
+
+# rwkv_node_cmd RANK HOST CMD...: run CMD for this node, or in dry-run print one line
+#   node_rank=RANK host=HOST: CMD (shell-quoted)
+# which is the line a user would paste on HOST (and what the tests parse).
+rwkv_node_cmd() {
+  local rank="$1" host="$2"
+  shift 2
+  if rwkv_dry_run; then
+    printf 'node_rank=%s host=%s:' "$rank" "$host"
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    echo "[launch] node_rank=$rank host=$host: $*" >&2
+    "$@"
+  fi
+}
+
+# Print the environment every node gets (dry-run only), as `env: KEY=VALUE` lines.
+rwkv_print_env() {
+  if rwkv_dry_run; then
+    rwkv_forwarded_env | sed 's/^/env: /'
+  fi
+}
+
+rwkv_die() {
+  echo "error: $*" >&2
+  exit 2
+}

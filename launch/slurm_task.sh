@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One SLURM task = one training process (one GPU). `srun` starts this on every task of the job
+# (see slurm.sbatch); it maps SLURM's task numbering onto the variables torch.distributed reads
+# and starts the trainer. MASTER_ADDR / MASTER_PORT come from the sbatch script.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+for v in SLURM_PROCID SLURM_NTASKS SLURM_LOCALID MASTER_ADDR; do
+  [ -n "${!v:-}" ] || rwkv_die "slurm_task.sh: \$$v is not set (start it through srun from slurm.sbatch)"
+done
+export RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="$SLURM_LOCALID"
+export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE%%(*}}"
+export MASTER_PORT
+exec "$PYTHON" -m train "$@"
