@@ -1,0 +1,336 @@
+"""Read trained RWKV weights from wherever training left them.
+
+Two kinds of input are understood:
+
+* a DeepSpeed checkpoint directory (the run's ``checkpoints/`` directory or one
+  tag directory inside it), any ZeRO stage.  ZeRO 1-3 keep the fp32 master
+  weights partitioned across ``*_optim_states.pt`` files; DeepSpeed's own
+  ``zero_to_fp32`` reassembles them.  Stage 0 keeps the whole model in the
+  ``module`` dict of ``mp_rank_00_model_states.pt``.
+* a consolidated state dict file (``torch.save(model.state_dict())``), with the
+  model config in a JSON file beside it when there is one.
+
+Files are opened memory-mapped so a large checkpoint is paged in tensor by
+tensor rather than copied into memory up front.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# Wrappers (DDP, torch.compile, a trainer's container module) prefix parameter names.
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or state dict cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedWeights:
+    """Weights in our model's key layout, plus what is known about the model and run."""
+
+    tensors: dict[str, Any]  # name -> torch.Tensor, or a lazy DeepSpeed tensor (call `.contiguous()`)
+    model_config: dict[str, Any] | None  # ModelConfig.to_dict() when recorded
+    run_config: dict[str, Any] | None = None  # the resolved run config of a training run
+    source: str = ""  # human-readable description of where the weights came from
+    notes: list[str] = field(default_factory=list)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+    def pop_tensor(self, name: str) -> torch.Tensor:
+        """Materialise one tensor and drop the source's reference to it (keeps peak memory low)."""
+        return self.tensors.pop(name).contiguous()
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in key order, releasing each source entry as it goes."""
+        for name in list(self.tensors):
+            yield name, self.pop_tensor(name)
+
+
+def check_torch_file(path: Path) -> None:
+    """Fail clearly on a missing, empty or truncated ``torch.save`` file.
+
+    ``torch.save`` writes a zip archive whose directory sits at the end of the
+    file, so any truncation shows up as an unreadable archive.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable torch.save archive (truncated, corrupt, or written in the "
+            "legacy non-zip format)"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            size = path.stat().st_size
+            for info in zf.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise CheckpointError(f"{path}: truncated (entry {info.filename} runs past end of file)")
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{path}: corrupt torch.save archive ({e})") from e
+
+
+def load_torch_file(path: Path, weights_only: bool) -> Any:
+    """torch.load memory-mapped, turning every failure into an error naming the file."""
+    check_torch_file(path)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... depending on damage
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+def strip_wrapper_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Remove a prefix shared by every key (``module.`` etc.) so keys match ``RWKV.state_dict()``."""
+    changed = True
+    while changed and "emb.weight" not in tensors:
+        changed = False
+        for prefix in KNOWN_PREFIXES:
+            if tensors and all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                changed = True
+    return tensors
+
+
+def check_rwkv_layout(tensors: Mapping[str, Any], origin: str) -> None:
+    """Refuse anything that is not an RWKV-4 state dict in our key layout."""
+    required = [
+        "emb.weight",
+        "blocks.0.ln0.weight",
+        "ln_out.weight",
+        "head.weight",
+        "blocks.0.att.key.weight",
+    ]
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        sample = ", ".join(list(tensors)[:5]) or "(no tensors)"
+        raise CheckpointError(
+            f"{origin}: not an RWKV state dict in the expected layout; "
+            f"missing {missing} (keys start: {sample})"
+        )
+
+
+def infer_model_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Recover the architecture from tensor shapes when no config was recorded."""
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    vocab_size, n_embd = shapes["emb.weight"]
+    cfg = {"n_layer": max(layers) + 1, "n_embd": n_embd, "vocab_size": vocab_size}
+    ffn_key = "blocks.0.ffn.key.weight"
+    if ffn_key in shapes:
+        cfg["dim_ffn"] = shapes[ffn_key][0]
+    att_key = "blocks.0.att.key.weight"
+    if att_key in shapes:
+        cfg["dim_att"] = shapes[att_key][0]
+    return cfg
+
+
+def find_model_section(run_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``model`` section of a resolved run config (or the config itself when it is a model config)."""
+    if not isinstance(run_config, Mapping):
+        return None
+    model = run_config.get("model")
+    if isinstance(model, Mapping):
+        return dict(model)
+    if "n_layer" in run_config and "n_embd" in run_config:
+        return dict(run_config)
+    return None
+
+
+# ---------------------------------------------------------------- DeepSpeed checkpoints
+
+
+def _tag_step(name: str) -> int:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else -1
+
+
+def _is_tag_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in MODEL_STATES_FILES)
+
+
+def resolve_tag_dir(path: Path, tag: str | None = None) -> Path:
+    """The tag directory to read: ``--tag``, else the ``latest`` file, else the newest complete tag."""
+    if _is_tag_dir(path) and tag is None:
+        return path
+    if tag is not None:
+        tag_dir = path / tag
+        if not tag_dir.is_dir():
+            available = sorted(p.name for p in path.iterdir() if p.is_dir() and _is_tag_dir(p))
+            raise CheckpointError(f"{path}: no checkpoint tag {tag!r} (available: {available or 'none'})")
+        if not _is_tag_dir(tag_dir):
+            raise CheckpointError(f"{tag_dir}: tag directory holds no {' or '.join(MODEL_STATES_FILES)}")
+        return tag_dir
+    latest = path / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        tag_dir = path / name
+        if not _is_tag_dir(tag_dir):
+            raise CheckpointError(f"{latest}: names tag {name!r}, but {tag_dir} is missing or incomplete")
+        return tag_dir
+    tags = sorted(
+        (p for p in path.iterdir() if p.is_dir() and _is_tag_dir(p)), key=lambda p: _tag_step(p.name)
+    )
+    if not tags:
+        raise CheckpointError(
+            f"{path}: unknown layout: not a DeepSpeed checkpoint directory (no 'latest' file, no tag "
+            f"directories with {MODEL_STATES_FILES[0]}) and not a state dict file"
+        )
+    return tags[-1]
+
+
+def _zero_optim_files(tag_dir: Path) -> list[Path]:
+    return sorted(tag_dir.glob("*_optim_states.pt"))
+
+
+def load_deepspeed_checkpoint(path: Path, tag: str | None = None) -> LoadedWeights:
+    """Consolidated fp32 weights of a DeepSpeed checkpoint (any ZeRO stage)."""
+    tag_dir = resolve_tag_dir(path, tag)
+    model_file = next(tag_dir / f for f in MODEL_STATES_FILES if (tag_dir / f).is_file())
+    optim_files = _zero_optim_files(tag_dir)
+    for f in [model_file, *optim_files]:
+        check_torch_file(f)
+    states = load_torch_file(model_file, weights_only=False)
+    if not isinstance(states, Mapping) or "module" not in states:
+        raise CheckpointError(f"{model_file}: not a DeepSpeed model states file (no 'module' entry)")
+    run_config = states.get("config") if isinstance(states.get("config"), Mapping) else None
+    notes: list[str] = []
+    tensors: dict[str, Any] | None = None
+    if optim_files:
+        tensors = _load_zero_fp32(tag_dir, optim_files, notes)
+    if tensors is None:
+        module = states["module"]
+        if module is None or not len(module):
+            raise CheckpointError(f"{model_file}: empty 'module' and no usable ZeRO optimizer partitions")
+        tensors = dict(module)
+        low = sorted({str(t.dtype) for t in tensors.values() if t.dtype != torch.float32})
+        if low:
+            notes.append(f"weights read from the {'/'.join(low)} module copy (no fp32 master weights found)")
+        source = f"DeepSpeed checkpoint {tag_dir} (module weights)"
+    else:
+        source = f"DeepSpeed ZeRO checkpoint {tag_dir} (fp32 master weights via zero_to_fp32)"
+    del states
+    tensors = strip_wrapper_prefix(tensors)
+    check_rwkv_layout(tensors, str(tag_dir))
+    return LoadedWeights(tensors, find_model_section(run_config), dict(run_config or {}), source, notes)
+
+
+def _load_zero_fp32(tag_dir: Path, optim_files: list[Path], notes: list[str]) -> dict[str, Any] | None:
+    """fp32 master weights from ZeRO partitions; None when the files hold no ZeRO partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        # lazy_mode keeps partitions memory-mapped; tensors are gathered one at a time on `.contiguous()`
+        return dict(
+            get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+        )
+    except ValueError as e:
+        if "is not a zero checkpoint" in str(e):
+            # bf16 without ZeRO keeps its fp32 copy in a layout zero_to_fp32 does not read
+            notes.append(f"{optim_files[0].name} holds no ZeRO partitions; falling back to module weights")
+            return None
+        raise CheckpointError(f"{tag_dir}: cannot consolidate ZeRO partitions ({e})") from e
+    except (FileNotFoundError, RuntimeError, KeyError, EOFError) as e:
+        raise CheckpointError(
+            f"{tag_dir}: cannot consolidate ZeRO partitions ({type(e).__name__}: {e})"
+        ) from e
+
+
+# ---------------------------------------------------------------- plain state dict files
+
+
+def sidecar_config_paths(path: Path) -> list[Path]:
+    """Where a model config may sit beside a state dict: ``NAME.json`` then ``config.json``."""
+    return [path.with_suffix(".json"), path.parent / "config.json"]
+
+
+def load_state_dict_file(path: Path, model_config_path: Path | None = None) -> LoadedWeights:
+    """A consolidated state dict (``torch.save(model.state_dict())``), or an RWKV .pth."""
+    obj = load_torch_file(path, weights_only=False)
+    run_config = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):  # a stage-0 model states file
+        run_config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+        obj = obj["module"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: unknown layout: expected a dict of tensors (a model state_dict)")
+    tensors = strip_wrapper_prefix(dict(obj))
+    check_rwkv_layout(tensors, str(path))
+    model_config = find_model_section(run_config)
+    candidates = [model_config_path] if model_config_path else sidecar_config_paths(path)
+    for cand in candidates:
+        if model_config is None and cand is not None and cand.is_file():
+            try:
+                side = json.loads(cand.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cand}: invalid JSON ({e})") from e
+            model_config = find_model_section(side)
+            run_config = run_config or side
+            if model_config is None and model_config_path is not None:
+                raise CheckpointError(
+                    f"{cand}: no model config (expected a 'model' section or n_layer/n_embd)"
+                )
+    return LoadedWeights(tensors, model_config, dict(run_config or {}), f"state dict {path}")
+
+
+def load_weights(
+    path: str | Path, tag: str | None = None, model_config_path: str | Path | None = None
+) -> LoadedWeights:
+    """Load weights from a DeepSpeed checkpoint directory or a state dict file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        loaded = load_deepspeed_checkpoint(path, tag)
+    else:
+        if tag is not None:
+            raise CheckpointError(f"{path}: --tag applies to a DeepSpeed checkpoint directory, not a file")
+        loaded = load_state_dict_file(path, Path(model_config_path) if model_config_path else None)
+    if loaded.model_config is None:
+        loaded.model_config = infer_model_config(loaded.shapes())
+        loaded.notes.append("no model config recorded; architecture inferred from tensor shapes")
+    for note in loaded.notes:
+        warnings.warn(note, stacklevel=2)
+    return loaded
+
+
+def find_tokenizer_spec(run_config: Mapping[str, Any] | None) -> str | None:
+    """The tokenizer a run used, looked up in its config or in the token manifest it names."""
+    if not isinstance(run_config, Mapping):
+        return None
+    stack: list[Mapping[str, Any]] = [run_config]
+    manifests: list[str] = []
+    while stack:
+        d = stack.pop()
+        for key, value in d.items():
+            if isinstance(value, Mapping):
+                if key == "tokenizer" and isinstance(value.get("spec"), str):
+                    return value["spec"]
+                stack.append(value)
+            elif key == "tokenizer" and isinstance(value, str):
+                return value
+            elif isinstance(value, str) and value.endswith(".manifest.json"):
+                manifests.append(value)
+    for m in manifests:
+        p = Path(m)
+        if p.is_file():
+            try:
+                spec = json.loads(p.read_text()).get("tokenizer", {}).get("spec")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(spec, str):
+                return spec
+    return None

@@ -1,0 +1,253 @@
+"""Convert trained weights into inference formats.
+
+    python -m launch.convert --input CKPT --to {rwkv,hf,fp32} --output PATH
+                             [--tag TAG] [--dtype fp32|bf16|fp16] [--verify]
+
+``--input`` is a DeepSpeed checkpoint directory (any ZeRO stage; the tag in
+``latest`` unless ``--tag``) or a consolidated state dict file.  Outputs:
+
+* ``rwkv``: a ``.pth`` for the ``rwkv`` pip package (RWKV-LM key layout, raw values);
+* ``hf``:   a directory with ``config.json`` + ``model.safetensors`` for
+  ``transformers.RwkvForCausalLM``;
+* ``fp32``: the consolidated state dict of our model (``torch.save``).
+
+Tensors are moved from the source to the output one at a time; memory-mapped
+sources are never copied when no dtype cast is asked for, so peak memory stays
+near one copy of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec, load_weights
+from launch.hf_format import hf_config, to_hf_key
+from launch.model_loading import SIDECAR_NAME_HF, model_config_from
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_VERIFY_TEXT = (
+    "ROMEO. But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
+)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+def _sidecar(loaded: LoadedWeights) -> dict[str, Any]:
+    """What generate/verify need later: the model config and the tokenizer of the run."""
+    side: dict[str, Any] = {"model": model_config_from(loaded.model_config or {}).to_dict()}
+    tok = find_tokenizer_spec(loaded.run_config)
+    if tok:
+        side["tokenizer"] = {"spec": tok}
+    side["source"] = loaded.source
+    return side
+
+
+def _eod_id(loaded: LoadedWeights) -> int:
+    """End-of-document id for HF's bos/eos: the tokenizer's when it can be loaded, else 0."""
+    spec = find_tokenizer_spec(loaded.run_config)
+    if spec:
+        try:
+            from data_prep.tokenizer import load_tokenizer
+
+            return int(load_tokenizer(spec).eod_id)
+        except Exception:  # tokenizer moved or unreadable: HF's default is still usable
+            pass
+    return 0
+
+
+def write_torch_state_dict(loaded: LoadedWeights, output: Path, dtype: torch.dtype) -> None:
+    """rwkv .pth and fp32 outputs: same key layout as our model, one torch.save."""
+    names = list(loaded.tensors)
+    out: dict[str, torch.Tensor] = {}
+    for name in tqdm(names, desc="collect", unit="tensor", leave=False):
+        out[name] = _cast(loaded.pop_tensor(name), dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, output)  # never leave a half-written file under the final name
+
+
+def write_hf(loaded: LoadedWeights, output: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    shapes = loaded.shapes()
+    cfg = model_config_from(loaded.model_config or {})
+    output.mkdir(parents=True, exist_ok=True)
+    out: dict[str, torch.Tensor] = {}
+    for name in tqdm(list(loaded.tensors), desc="rename", unit="tensor", leave=False):
+        out[to_hf_key(name)] = _cast(loaded.pop_tensor(name), dtype)
+    tmp = output / "model.safetensors.tmp"
+    save_file(out, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, output / "model.safetensors")
+    del out
+    hf = hf_config(cfg.to_dict(), shapes, eos_id=_eod_id(loaded))
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (output / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def output_path(to: str, output: Path) -> Path:
+    # the rwkv package appends ".pth" to any name that lacks it
+    if to == "rwkv" and output.suffix != ".pth":
+        return output.with_name(output.name + ".pth")
+    return output
+
+
+def convert(
+    input: str | Path,
+    to: str,
+    output: str | Path,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    model_config_path: str | Path | None = None,
+) -> Path:
+    """Convert and return the path written (file for rwkv/fp32, directory for hf)."""
+    if to not in ("rwkv", "hf", "fp32"):
+        raise ValueError(f"unknown output format {to!r}; expected rwkv, hf or fp32")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    loaded = load_weights(input, tag=tag, model_config_path=model_config_path)
+    side = _sidecar(loaded)
+    out = output_path(to, Path(output))
+    if to == "hf":
+        write_hf(loaded, out, DTYPES[dtype])
+        (out / SIDECAR_NAME_HF).write_text(json.dumps(side, indent=2) + "\n")
+    else:
+        write_torch_state_dict(loaded, out, DTYPES[dtype])
+        out.with_suffix(".json").write_text(json.dumps(side, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify_tokens(text: str, tokenizer_spec: str | None, vocab_size: int, n_random: int = 64) -> torch.Tensor:
+    """Token ids to verify on: the text through the run's tokenizer, else fixed pseudo-random ids."""
+    if tokenizer_spec:
+        from data_prep.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(tokenizer_spec).encode(text)
+        if ids:
+            return torch.tensor(ids, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (n_random,), generator=g)
+
+
+def converted_logits(to: str, path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (T, V) of the converted weights, run by the package that consumes that format."""
+    if to == "rwkv":
+        os.environ.setdefault("RWKV_JIT_ON", "0")
+        os.environ.setdefault("RWKV_CUDA_ON", "0")
+        from rwkv.model import RWKV as RwkvPackageModel
+
+        pkg = RwkvPackageModel(model=str(path), strategy="cpu fp32", verbose=False)
+        logits, _ = pkg.forward(tokens.tolist(), None, full_output=True)
+        return logits.float()
+    if to == "hf":
+        from transformers import RwkvForCausalLM
+
+        hf = RwkvForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            return hf(tokens.unsqueeze(0)).logits[0].float()
+    from launch.model_loading import load_model
+
+    model = load_model(path, wkv_backend="reference").model
+    with torch.no_grad():
+        return model(tokens.unsqueeze(0))[0].float()
+
+
+def verify(
+    input: str | Path,
+    to: str,
+    converted: Path,
+    tag: str | None = None,
+    model_config_path: str | Path | None = None,
+    text: str = DEFAULT_VERIFY_TEXT,
+    tokenizer: str | None = None,
+) -> dict[str, Any]:
+    """Max |logit difference| between our model on the source weights and the converted weights."""
+    from launch.model_loading import model_from_tensors
+
+    loaded = load_weights(input, tag=tag, model_config_path=model_config_path)
+    cfg = model_config_from(loaded.model_config or {}, {"wkv_backend": "reference"})
+    spec = tokenizer or find_tokenizer_spec(loaded.run_config)
+    tokens = verify_tokens(text, spec, cfg.vocab_size)
+    model = model_from_tensors(loaded.tensors, cfg, loaded.source)
+    with torch.no_grad():
+        ours = model(tokens.unsqueeze(0))[0].float()
+    del model, loaded
+    theirs = converted_logits(to, converted, tokens)
+    diff = (ours - theirs).abs().max().item()
+    return {
+        "max_abs_logit_diff": diff,
+        "tokens": int(tokens.numel()),
+        "text": "tokenizer" if spec else "random token ids",
+        "logit_scale": ours.abs().max().item(),
+    }
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rwkv-convert",
+        description="Convert a DeepSpeed checkpoint or state dict to rwkv .pth, HF or fp32 weights.",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="DeepSpeed checkpoint dir (run's checkpoints/ or a tag dir) or a state dict file",
+    )
+    p.add_argument("--to", required=True, choices=["rwkv", "hf", "fp32"])
+    p.add_argument("--output", required=True, help="output file (rwkv, fp32) or directory (hf)")
+    p.add_argument("--tag", help="checkpoint tag to read (default: the one named in 'latest')")
+    p.add_argument(
+        "--dtype", default="fp32", choices=list(DTYPES), help="cast floating tensors (default fp32)"
+    )
+    p.add_argument(
+        "--model-config",
+        help="JSON with the model config (a 'model' section or ModelConfig fields) "
+        "for a state dict without one beside it",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run our model and the converted weights on a text and report the max logit difference",
+    )
+    p.add_argument("--verify-text", default=DEFAULT_VERIFY_TEXT)
+    p.add_argument("--tokenizer", help="tokenizer spec for --verify (default: the run's, if recorded)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = convert(args.input, args.to, args.output, args.tag, args.dtype, args.model_config)
+        print(f"wrote {args.to} weights ({args.dtype}) to {out}")
+        if args.verify:
+            report = verify(
+                args.input, args.to, out, args.tag, args.model_config, args.verify_text, args.tokenizer
+            )
+            print(
+                f"verify: max |logit diff| = {report['max_abs_logit_diff']:.3e} "
+                f"over {report['tokens']} tokens "
+                f"({report['text']}; logits up to {report['logit_scale']:.2f})"
+            )
+    except CheckpointError as e:
+        print(f"rwkv-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
