@@ -1,0 +1,468 @@
+"""The end-to-end demo (`make demo`): corpus -> tokenizer -> shards -> ZeRO-2 training on 2 CPU
+processes, interrupted and resumed -> inference weights (rwkv .pth, Hugging Face) -> a sample
+and held-out perplexity before and after training.
+
+    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N]
+
+Every step runs the project's own command line (printed before it runs), so the demo doubles
+as a walkthrough. The output directory is re-runnable: a step whose outputs exist and are
+complete is skipped; `--clean` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
+PROMPT = "ROMEO.\n"
+
+
+@dataclass
+class Settings:
+    out: Path
+    steps: int  # optimizer steps of the whole run
+    checkpoint_every: int  # the interruption comes right after the first of these
+    eval_every: int
+    vocab_size: int
+    nproc: int
+    sample_tokens: int
+    heldout_tokens: int  # held-out text scored for perplexity (a prefix of the validation documents)
+    extra_train_args: list[str] = field(default_factory=list)
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.out / "tokenizer" / "demo.model"
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "data" / "demo.manifest.json"
+
+    @property
+    def heldout(self) -> Path:
+        return self.out / "data" / "heldout.txt"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "run"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def rwkv_weights(self) -> Path:
+        return self.out / "weights" / "demo.pth"
+
+    @property
+    def hf_dir(self) -> Path:
+        return self.out / "weights" / "hf"
+
+    @property
+    def sample(self) -> Path:
+        return self.out / "sample.txt"
+
+    @property
+    def perplexity(self) -> Path:
+        return self.out / "perplexity.json"
+
+    @property
+    def state(self) -> Path:
+        return self.out / "demo_state.json"
+
+
+def demo_settings(args: argparse.Namespace) -> Settings:
+    if args.quick:  # the test's reduced form: same steps, minutes less
+        s = Settings(args.out, steps=24, checkpoint_every=8, eval_every=8, vocab_size=512, nproc=2,
+                     sample_tokens=40, heldout_tokens=1500)
+    else:
+        s = Settings(args.out, steps=1500, checkpoint_every=250, eval_every=250, vocab_size=2048, nproc=2,
+                     sample_tokens=300, heldout_tokens=20000)
+    if args.steps:
+        s.steps = args.steps
+        s.checkpoint_every = min(s.checkpoint_every, max(1, args.steps // 3))
+        s.eval_every = s.checkpoint_every
+    s.extra_train_args = list(args.set or [])
+    return s
+
+
+# ----------------------------------------------------------------------------- running commands
+
+
+def child_env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")  # the demo trains on CPU processes, GPU or not
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def show(cmd: list[str]) -> None:
+    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+
+
+def run(cmd: list[str], log: Path, env: dict[str, str]) -> str:
+    """Run cmd, echoing its output live and into `log`; return the output. Raise on failure."""
+    show(cmd)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO)
+    chunks = []
+    with open(log, "ab") as f:
+        assert proc.stdout is not None
+        while True:
+            data = os.read(proc.stdout.fileno(), 65536)
+            if not data:
+                break
+            chunks.append(data)
+            f.write(data)
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+    rc = proc.wait()
+    if rc != 0:
+        raise DemoError(f"command failed with exit status {rc} (log: {log}):\n  "
+                        + " ".join(shlex.quote(str(c)) for c in cmd))
+    return b"".join(chunks).decode(errors="replace")
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- state of the output dir
+
+
+def load_state(s: Settings) -> dict:
+    return json.loads(s.state.read_text()) if s.state.is_file() else {}
+
+
+def save_state(s: Settings, **updates: object) -> None:
+    state = {**load_state(s), **updates}
+    tmp = s.state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, s.state)
+
+
+def latest_tag(s: Settings) -> str | None:
+    latest = s.checkpoints / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def tag_step(tag: str | None) -> int:
+    m = re.fullmatch(r"step(\d+)", tag or "")
+    return int(m.group(1)) if m else -1
+
+
+def metrics(s: Settings) -> list[dict]:
+    path = s.run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+    return rows
+
+
+def newer_than(path: Path, reference: Path) -> bool:
+    return path.exists() and reference.exists() and path.stat().st_mtime >= reference.stat().st_mtime
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def tokenizer_done(s: Settings) -> bool:
+    if not s.tokenizer.is_file():
+        return False
+    try:
+        from data_prep.tokenizer import load_tokenizer
+
+        return load_tokenizer(str(s.tokenizer)).vocab_size == s.vocab_size
+    except Exception:
+        return False
+
+
+def train_tokenizer(s: Settings, env: dict[str, str]) -> None:
+    run([sys.executable, "-m", "data_prep.train_tokenizer", "--input", *CORPUS,
+         "--vocab-size", str(s.vocab_size), "--output", s.tokenizer], s.out / "logs" / "tokenizer.log", env)
+
+
+def shards_done(s: Settings) -> bool:
+    if not s.manifest.is_file() or not s.heldout.is_file():
+        return False
+    try:
+        from data_prep.binidx import MMapIndexedDataset
+        from data_prep.manifest import load_manifest
+
+        manifest = load_manifest(str(s.manifest))
+        for shard in manifest["shards"]:
+            MMapIndexedDataset(shard["prefix"])
+        return True
+    except Exception:
+        return False
+
+
+def prep_shards(s: Settings, env: dict[str, str]) -> None:
+    run([sys.executable, "-m", "data_prep", "--input", *CORPUS, "--tokenizer", s.tokenizer,
+         "--output-prefix", s.manifest.parent / "demo", "--shards", "2"], s.out / "logs" / "prep.log", env)
+    write_heldout(s)
+
+
+def write_heldout(s: Settings) -> None:
+    """Held-out text = the validation documents the trainer sets aside (the last documents of the
+    last shard), decoded back to text, so the perplexity is measured on text training never saw."""
+    from data_prep.binidx import MMapIndexedDataset
+    from data_prep.manifest import load_manifest
+    from data_prep.tokenizer import load_tokenizer
+    from train.run_config import load_run_config
+
+    cfg = load_run_config(REPO / "configs" / "demo.yaml", train_overrides(s))
+    tok = load_tokenizer(str(s.tokenizer))
+    last = MMapIndexedDataset(load_manifest(str(s.manifest))["shards"][-1]["prefix"])
+    n_val = cfg.data.val_documents
+    if n_val <= 0:
+        raise DemoError("configs/demo.yaml holds out no validation documents (data.val_documents)")
+    ids: list[int] = []
+    for i in range(len(last) - n_val, len(last)):
+        ids.extend(int(t) for t in last[i] if int(t) != tok.eod_id)
+        if len(ids) >= s.heldout_tokens:
+            break
+    s.heldout.write_text(tok.decode(ids[: s.heldout_tokens]), encoding="utf-8")
+
+
+def train_overrides(s: Settings) -> list[str]:
+    return [
+        f"run_dir={s.run_dir}",
+        f"data.manifests=[{s.manifest}]",
+        f"train.steps={s.steps}",
+        f"checkpoint.every={s.checkpoint_every}",
+        f"eval.every={s.eval_every}",
+        *s.extra_train_args,
+    ]
+
+
+def train_cmd(s: Settings) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
+           "-m", "train", "--config", REPO / "configs" / "demo.yaml"]
+    for o in train_overrides(s):
+        cmd += ["--set", o]
+    return cmd
+
+
+def training_done(s: Settings) -> bool:
+    return tag_step(latest_tag(s)) >= s.steps
+
+
+def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
+    """Start training, and kill every process of it (SIGKILL, as a crash or a pre-empted node
+    would) as soon as the first checkpoint is complete."""
+    cmd = train_cmd(s)
+    show(cmd)
+    log = s.out / "logs" / "train_part1.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        # A session of its own, so the kill reaches torchrun and both training processes.
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO, start_new_session=True)
+        print(f"(output in {log}; waiting for the first checkpoint)", flush=True)
+        t0 = time.time()
+        while proc.poll() is None and latest_tag(s) is None:
+            time.sleep(0.5)
+            if time.time() - t0 > 1800:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise DemoError(f"no checkpoint after 30 minutes (log: {log})")
+        tag = latest_tag(s)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            print(f"first checkpoint {tag} is complete: killed the training processes (SIGKILL)")
+        elif proc.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise DemoError(f"training failed with exit status {proc.returncode} (log: {log}):\n{tail}")
+    save_state(s, interrupted_at=tag_step(tag))
+
+
+def resume_training(s: Settings, env: dict[str, str]) -> None:
+    tag = latest_tag(s)
+    print(f"resuming from checkpoint {tag}: the same command again", flush=True)
+    run(train_cmd(s), s.out / "logs" / "train_part2.log", env)
+    resumed = [m for m in metrics(s) if m.get("event") == "resume" or "resumed_from" in m]
+    save_state(s, resumed_from=tag_step(tag), resume_events=resumed[-1:] if resumed else [])
+
+
+def convert_done(s: Settings, kind: str) -> bool:
+    latest = s.checkpoints / "latest"
+    out = s.rwkv_weights if kind == "rwkv" else s.hf_dir / "model.safetensors"
+    return newer_than(out, latest)
+
+
+def convert(s: Settings, env: dict[str, str], kind: str) -> None:
+    out = s.rwkv_weights if kind == "rwkv" else s.hf_dir
+    run([sys.executable, "-m", "launch.convert", "--input", s.checkpoints, "--to", kind, "--output", out,
+         "--verify", "--tokenizer", s.tokenizer], s.out / "logs" / f"convert_{kind}.log", env)
+
+
+def generate(s: Settings, env: dict[str, str]) -> None:
+    out = run([sys.executable, "-m", "launch.generate", "--weights", s.rwkv_weights, "--tokenizer",
+               s.tokenizer, "--prompt", PROMPT, "--max-tokens", str(s.sample_tokens), "--temperature", "0.8",
+               "--top-p", "0.85", "--seed", "7"], s.out / "logs" / "generate.log", env)
+    s.sample.write_text(out, encoding="utf-8")
+
+
+def score(s: Settings, env: dict[str, str], weights: Path, name: str, extra: list[str]) -> dict:
+    out = run([sys.executable, "-m", "launch.generate", "--weights", weights, "--tokenizer", s.tokenizer,
+               "--score", s.heldout, *extra], s.out / "logs" / f"score_{name}.log", env)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{") and '"perplexity"' in ln]
+    if not lines:
+        raise DemoError(f"launch.generate --score printed no result (log: {s.out / 'logs'})")
+    return json.loads(lines[-1])
+
+
+def perplexities(s: Settings, env: dict[str, str]) -> None:
+    """Held-out perplexity of a fresh initialisation, of the first checkpoint and of the result."""
+    import torch
+
+    from train.config import ModelConfig
+    from train.model import RWKV
+
+    sidecar = json.loads(s.rwkv_weights.with_suffix(".json").read_text())
+    init_dir = s.out / "weights" / "init"
+    init_dir.mkdir(parents=True, exist_ok=True)
+    (init_dir / "model_config.json").write_text(json.dumps(sidecar["model"], indent=2) + "\n")
+    torch.manual_seed(0)
+    torch.save(RWKV(ModelConfig.from_dict(sidecar["model"])).state_dict(), init_dir / "init.pt")
+
+    state = load_state(s)
+    first_tag = f"step{state['interrupted_at']}" if state.get("interrupted_at", -1) > 0 else None
+    results = {"fresh init": score(s, env, init_dir / "init.pt", "init",
+                                   ["--model-config", init_dir / "model_config.json"])}
+    if first_tag and (s.checkpoints / first_tag).is_dir():
+        results[f"first checkpoint ({first_tag})"] = score(
+            s, env, s.checkpoints, "first", ["--tag", first_tag]
+        )
+    results[f"trained ({latest_tag(s)})"] = score(s, env, s.rwkv_weights, "final", [])
+    s.perplexity.write_text(json.dumps(results, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+@dataclass
+class Step:
+    title: str
+    done: Callable[[], bool]
+    action: Callable[[], None]
+
+
+def steps(s: Settings, env: dict[str, str]) -> list[Step]:
+    return [
+        Step(f"Train a sentencepiece tokenizer (vocabulary {s.vocab_size}) on the embedded corpus",
+             lambda: tokenizer_done(s), lambda: train_tokenizer(s, env)),
+        Step("Tokenize the corpus into binidx shards", lambda: shards_done(s), lambda: prep_shards(s, env)),
+        Step(f"Train with DeepSpeed ZeRO-2 on {s.nproc} CPU processes; kill it after the first checkpoint",
+             lambda: latest_tag(s) is not None, lambda: train_until_first_checkpoint(s, env)),
+        Step(f"Resume from the ZeRO checkpoint and train to step {s.steps}",
+             lambda: training_done(s), lambda: resume_training(s, env)),
+        Step("Convert to the rwkv package's .pth (--verify)", lambda: convert_done(s, "rwkv"),
+             lambda: convert(s, env, "rwkv")),
+        Step("Convert to a Hugging Face transformers directory (--verify)", lambda: convert_done(s, "hf"),
+             lambda: convert(s, env, "hf")),
+        Step("Generate a sample", lambda: newer_than(s.sample, s.rwkv_weights), lambda: generate(s, env)),
+        Step("Held-out perplexity before and after training",
+             lambda: newer_than(s.perplexity, s.rwkv_weights), lambda: perplexities(s, env)),
+    ]
+
+
+def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
+    heading("Summary")
+    for title, secs, skipped in timings:
+        print(f"  {secs:7.1f} s  {title}{'  (skipped: already done)' if skipped else ''}")
+    print(f"  {sum(t for _, t, _ in timings):7.1f} s  total")
+    state = load_state(s)
+    if "interrupted_at" in state:
+        print(f"\nInterrupted after checkpoint step{state['interrupted_at']}; "
+              f"resumed from step{state.get('resumed_from', state['interrupted_at'])}.")
+    if s.perplexity.is_file():
+        print("\nHeld-out perplexity (tokens the trainer set aside for validation):")
+        for name, r in json.loads(s.perplexity.read_text()).items():
+            print(f"  {name:32s} {r['perplexity']:10.2f}   "
+                  f"({r['tokens']} tokens, {r['mean_loss']:.3f} nats/token)")
+    if s.sample.is_file():
+        print("\nSample (temperature 0.8, top-p 0.85):\n" + "-" * 60)
+        print(s.sample.read_text(encoding="utf-8").strip())
+        print("-" * 60)
+    rel = lambda p: os.path.relpath(p, Path.cwd())  # noqa: E731
+    print("\nArtefacts:")
+    for label, path in [
+        ("tokenizer", s.tokenizer), ("token shards + manifest", s.manifest), ("held-out text", s.heldout),
+        ("run directory", s.run_dir), ("resolved config", s.run_dir / "config.resolved.yaml"),
+        ("DeepSpeed checkpoints", s.checkpoints), ("metrics", s.run_dir / "metrics.jsonl"),
+        ("TensorBoard logs", s.run_dir / "tb"), ("rwkv .pth", s.rwkv_weights), ("Hugging Face dir", s.hf_dir),
+        ("sample", s.sample), ("perplexities", s.perplexity), ("logs of every step", s.out / "logs"),
+    ]:
+        print(f"  {label:26s} {rel(path)}{'' if path.exists() else '  (missing)'}")
+    print(f"\nTensorBoard:  tensorboard --logdir {rel(s.run_dir / 'tb')}")
+    print(f"Generate:     {sys.executable} -m launch.generate --weights {rel(s.rwkv_weights)} "
+          f"--prompt {shlex.quote(PROMPT)}")
+
+
+def heading(text: str) -> None:
+    print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
+                   help="output directory (default runs/demo)")
+    p.add_argument("--clean", action="store_true", help="delete the output directory first")
+    p.add_argument("--quick", action="store_true", help="a reduced run (a couple of minutes) for tests")
+    p.add_argument("--steps", type=int, help="optimizer steps of the training run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer --set override")
+    args = p.parse_args(argv)
+    if not CORPUS:
+        print(f"error: no corpus files under {REPO / 'data/demo/train'}", file=sys.stderr)
+        return 2
+    s = demo_settings(args)
+    if args.clean and s.out.exists():
+        shutil.rmtree(s.out)
+    s.out.mkdir(parents=True, exist_ok=True)
+    env = child_env(s.nproc)
+    timings: list[tuple[str, float, bool]] = []
+    all_steps = steps(s, env)
+    for i, step in enumerate(all_steps, 1):
+        heading(f"[{i}/{len(all_steps)}] {step.title}")
+        t0 = time.time()
+        if step.done():
+            print("already done, skipping (--clean starts over)")
+            timings.append((step.title, time.time() - t0, True))
+            continue
+        try:
+            step.action()
+        except DemoError as e:
+            print(f"\ndemo: error in step {i} ({step.title}): {e}", file=sys.stderr)
+            return 1
+        secs = time.time() - t0
+        timings.append((step.title, secs, False))
+        print(f"-- step {i} done in {secs:.1f} s", flush=True)
+    summary(s, timings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
