@@ -157,8 +157,10 @@ def save_state(s: Settings, **updates: object) -> None:
 
 
 def latest_tag(s: Settings) -> str | None:
-    latest = s.checkpoints / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """Newest checkpoint tag that the trainer marked complete (every rank finished saving it)."""
+    steps = [tag_step(p.parent.name) for p in s.checkpoints.glob("step*/complete.json")]
+    steps = [n for n in steps if n >= 0]
+    return f"step{max(steps)}" if steps else None
 
 
 def tag_step(tag: str | None) -> int:
@@ -306,15 +308,16 @@ def resume_training(s: Settings, env: dict[str, str]) -> None:
 
 
 def convert_done(s: Settings, kind: str) -> bool:
-    latest = s.checkpoints / "latest"
+    tag = latest_tag(s)
     out = s.rwkv_weights if kind == "rwkv" else s.hf_dir / "model.safetensors"
-    return newer_than(out, latest)
+    return tag is not None and newer_than(out, s.checkpoints / tag / "complete.json")
 
 
 def convert(s: Settings, env: dict[str, str], kind: str) -> None:
     out = s.rwkv_weights if kind == "rwkv" else s.hf_dir
-    run([sys.executable, "-m", "launch.convert", "--input", s.checkpoints, "--to", kind, "--output", out,
-         "--verify", "--tokenizer", s.tokenizer], s.out / "logs" / f"convert_{kind}.log", env)
+    run([sys.executable, "-m", "launch.convert", "--input", s.checkpoints, "--tag", str(latest_tag(s)),
+         "--to", kind, "--output", out, "--verify", "--tokenizer", s.tokenizer],
+        s.out / "logs" / f"convert_{kind}.log", env)
 
 
 def generate(s: Settings, env: dict[str, str]) -> None:
@@ -333,30 +336,41 @@ def score(s: Settings, env: dict[str, str], weights: Path, name: str, extra: lis
     return json.loads(lines[-1])
 
 
-def perplexities(s: Settings, env: dict[str, str]) -> None:
-    """Held-out perplexity of a fresh initialisation, of the first checkpoint and of the result."""
+def perplexity_before(s: Settings, env: dict[str, str]) -> None:
+    """Held-out perplexity of a fresh initialisation and of the first checkpoint (before resuming)."""
     import torch
 
-    from train.config import ModelConfig
+    from launch.model_loading import load_model
     from train.model import RWKV
 
-    sidecar = json.loads(s.rwkv_weights.with_suffix(".json").read_text())
+    tag = latest_tag(s)
+    if tag is None:
+        raise DemoError(f"no complete checkpoint under {s.checkpoints}")
+    cfg = load_model(s.checkpoints, tag).model.cfg  # the run's model config, as recorded with it
     init_dir = s.out / "weights" / "init"
     init_dir.mkdir(parents=True, exist_ok=True)
-    (init_dir / "model_config.json").write_text(json.dumps(sidecar["model"], indent=2) + "\n")
+    (init_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     torch.manual_seed(0)
-    torch.save(RWKV(ModelConfig.from_dict(sidecar["model"])).state_dict(), init_dir / "init.pt")
+    torch.save(RWKV(cfg).state_dict(), init_dir / "init.pt")
+    results = {
+        "fresh initialisation": score(s, env, init_dir / "init.pt", "init",
+                                      ["--model-config", init_dir / "model_config.json"]),
+        f"first checkpoint ({tag})": score(s, env, s.checkpoints, "first", ["--tag", tag]),
+    }
+    s.perplexity.write_text(json.dumps(results, indent=2) + "\n")
 
-    state = load_state(s)
-    first_tag = f"step{state['interrupted_at']}" if state.get("interrupted_at", -1) > 0 else None
-    results = {"fresh init": score(s, env, init_dir / "init.pt", "init",
-                                   ["--model-config", init_dir / "model_config.json"])}
-    if first_tag and (s.checkpoints / first_tag).is_dir():
-        results[f"first checkpoint ({first_tag})"] = score(
-            s, env, s.checkpoints, "first", ["--tag", first_tag]
-        )
+
+def perplexity_after(s: Settings, env: dict[str, str]) -> None:
+    results = json.loads(s.perplexity.read_text()) if s.perplexity.is_file() else {}
+    results = {k: v for k, v in results.items() if not k.startswith("trained")}
     results[f"trained ({latest_tag(s)})"] = score(s, env, s.rwkv_weights, "final", [])
     s.perplexity.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def perplexity_after_done(s: Settings) -> bool:
+    if not newer_than(s.perplexity, s.rwkv_weights):
+        return False
+    return any(k.startswith("trained") for k in json.loads(s.perplexity.read_text()))
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -376,6 +390,8 @@ def steps(s: Settings, env: dict[str, str]) -> list[Step]:
         Step("Tokenize the corpus into binidx shards", lambda: shards_done(s), lambda: prep_shards(s, env)),
         Step(f"Train with DeepSpeed ZeRO-2 on {s.nproc} CPU processes; kill it after the first checkpoint",
              lambda: latest_tag(s) is not None, lambda: train_until_first_checkpoint(s, env)),
+        Step("Held-out perplexity before training: fresh initialisation and the first checkpoint",
+             lambda: s.perplexity.is_file(), lambda: perplexity_before(s, env)),
         Step(f"Resume from the ZeRO checkpoint and train to step {s.steps}",
              lambda: training_done(s), lambda: resume_training(s, env)),
         Step("Convert to the rwkv package's .pth (--verify)", lambda: convert_done(s, "rwkv"),
@@ -383,8 +399,8 @@ def steps(s: Settings, env: dict[str, str]) -> list[Step]:
         Step("Convert to a Hugging Face transformers directory (--verify)", lambda: convert_done(s, "hf"),
              lambda: convert(s, env, "hf")),
         Step("Generate a sample", lambda: newer_than(s.sample, s.rwkv_weights), lambda: generate(s, env)),
-        Step("Held-out perplexity before and after training",
-             lambda: newer_than(s.perplexity, s.rwkv_weights), lambda: perplexities(s, env)),
+        Step("Held-out perplexity after training", lambda: perplexity_after_done(s),
+             lambda: perplexity_after(s, env)),
     ]
 
 
