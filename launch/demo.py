@@ -200,8 +200,8 @@ def tokenizer_done(s: Settings) -> bool:
 
 
 def train_tokenizer(s: Settings, env: dict[str, str]) -> None:
-    run([sys.executable, "-m", "data_prep.train_tokenizer", "--input", *CORPUS,
-         "--vocab-size", str(s.vocab_size), "--output", s.tokenizer], s.out / "logs" / "tokenizer.log", env)
+    run([sys.executable, "-m", "data_prep.train_tokenizer", "--input", *CORPUS, "--vocab-size",
+         str(s.vocab_size), "--model-prefix", s.tokenizer.with_suffix("")], s.out / "logs" / "tokenizer.log", env)
 
 
 def shards_done(s: Settings) -> bool:
