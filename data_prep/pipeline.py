@@ -1,0 +1,461 @@
+"""The prep run: plan shards over the input records, tokenize chunks in worker processes, write binidx.
+
+Why it is shaped this way:
+- One reader (this process) streams records in input order and hands out chunks;
+  workers parse JSON and batch-encode a whole chunk per call; results come back
+  in submission order. Output therefore does not depend on the worker count.
+- At most a few chunks per worker are in flight, so memory stays flat.
+- A first pass counts each file's records (and checksums it, for the manifest);
+  shards are then fixed record ranges, so each shard is an independent unit
+  of work that a re-run after a kill can skip when it is complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from . import documents
+from .binidx import BinIdxWriter, MMapIndexedDataset, best_dtype
+from .manifest import FORMAT, FORMAT_VERSION, manifest_path, read_json, write_json_atomic
+from .readers import SUFFIXES, CorruptInputError, count_and_hash, input_kind, iter_records
+from .tokenizer import Tokenizer, load_tokenizer
+
+CHUNK_RECORDS = 512
+CHUNK_BYTES = 2 << 20
+
+
+@dataclass
+class PrepSettings:
+    inputs: list[str]
+    tokenizer: str
+    output_prefix: str
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    shards: int = 1
+    text_key: str = "text"
+    append_eod: bool = True
+    include_sets: list[str] | None = None
+    exclude_sets: list[str] | None = None
+    max_documents: int | None = None
+    txt_mode: str = "file"
+    skip_bad_files: bool = False
+    num_nodes: int = 1
+    node_rank: int = 0
+    eod_token: str | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- inputs and plan
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Globs and directories to a de-duplicated, ordered file list (each pattern's matches sorted)."""
+    files: list[Path] = []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            matches = sorted(str(p) for p in Path(pat).rglob("*") if p.is_file()
+                             and str(p).lower().endswith(SUFFIXES))
+        elif glob.has_magic(pat):
+            matches = sorted(glob.glob(pat, recursive=True))
+        else:
+            matches = [pat]
+        if not matches:
+            raise FileNotFoundError(f"{pat}: no input files match")
+        for m in matches:
+            p = Path(m)
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: input file not found")
+            input_kind(p)  # refuse unsupported types before any work
+            if p.resolve() not in {f.resolve() for f in files}:
+                files.append(p)
+    return files
+
+
+def node_files(files: list[Path], num_nodes: int, node_rank: int) -> list[Path]:
+    """This node's contiguous block of input files (nodes split the file list, not the records)."""
+    if not 0 <= node_rank < num_nodes:
+        raise ValueError(f"--node-rank {node_rank} must be in [0, {num_nodes})")
+    n = len(files)
+    return files[node_rank * n // num_nodes : (node_rank + 1) * n // num_nodes]
+
+
+def node_prefix(prefix: str, num_nodes: int, node_rank: int) -> str:
+    return prefix if num_nodes == 1 else f"{prefix}-node{node_rank:03d}"
+
+
+def shard_prefix(prefix: str, shards: int, k: int) -> str:
+    return prefix if shards == 1 else f"{prefix}_{k:05d}"
+
+
+def plan_shards(scans: list[dict], shards: int, max_records: int | None) -> list[list[dict]]:
+    """Split the concatenated record stream into `shards` contiguous, near-equal record ranges."""
+    total = sum(s["records"] for s in scans)
+    if max_records is not None:
+        total = min(total, max_records)
+    bounds = [k * total // shards for k in range(shards + 1)]
+    plan: list[list[dict]] = []
+    for k in range(shards):
+        lo, hi = bounds[k], bounds[k + 1]
+        segs, base = [], 0
+        for s in scans:
+            a, b = max(lo, base), min(hi, base + s["records"])
+            if a < b:
+                segs.append({"path": s["path"], "start": a - base, "stop": b - base})
+            base += s["records"]
+        plan.append(segs)
+    return plan
+
+
+# ---------------------------------------------------------------- worker side
+
+_W: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_spec: str, eod_token: str | None, options: dict) -> None:
+    # Each worker is one process: the tokenizer's own thread pool would only compete with its siblings.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _W["tok"] = load_tokenizer(tokenizer_spec, eod_token=eod_token)
+    _W.update(options)
+
+
+def _scan_file(args: tuple[str, str, str]) -> dict:
+    path, text_key, txt_mode = args
+    try:
+        return count_and_hash(path, text_key, txt_mode)
+    except CorruptInputError as e:
+        return {"path": path, "error": str(e)}
+
+
+def encode_chunk(raws: list[Any]) -> dict:
+    """Parse, filter and tokenize one chunk; tokens come back flat with per-document sizes."""
+    tok: Tokenizer = _W["tok"]
+    include, exclude = _W["include"], _W["exclude"]
+    texts, sets = [], []
+    skipped: Counter = Counter()
+    for raw in raws:
+        text, set_name, reason = documents.parse_record(raw, _W["text_key"])
+        if reason is not None:
+            skipped[reason] += 1
+        elif (include and set_name not in include) or (exclude and set_name in exclude):
+            skipped[documents.FILTERED] += 1
+        else:
+            texts.append(text)
+            sets.append(set_name)
+    ids = tok.encode_batch(texts) if texts else []
+    eod = [tok.eod_id] if _W["append_eod"] else []
+    flat: list[int] = []
+    for x in ids:
+        flat.extend(x)
+        flat.extend(eod)
+    sizes = np.fromiter((len(x) + len(eod) for x in ids), dtype=np.int64, count=len(ids))
+    per_set: dict[str, list[int]] = {}
+    for name, n in zip(sets, sizes.tolist(), strict=True):
+        slot = per_set.setdefault(name, [0, 0])
+        slot[0] += 1
+        slot[1] += n
+    return {
+        "tokens": np.asarray(flat, dtype=_W["dtype"]),
+        "sizes": sizes,
+        "skipped": dict(skipped),
+        "sets": per_set,
+    }
+
+
+# ---------------------------------------------------------------- main side
+
+
+def _record_bytes(raw: Any) -> int:
+    return len(raw[0]) if isinstance(raw, tuple) and isinstance(raw[0], str) else (
+        len(raw) if isinstance(raw, bytes) else 0)
+
+
+def _chunks(records: Iterator[Any]) -> Iterator[tuple[list[Any], int]]:
+    chunk, nbytes = [], 0
+    for raw in records:
+        chunk.append(raw)
+        nbytes += _record_bytes(raw)
+        if len(chunk) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
+            yield chunk, nbytes
+            chunk, nbytes = [], 0
+    if chunk:
+        yield chunk, nbytes
+
+
+def _segment_records(segments: list[dict], s: PrepSettings) -> Iterator[Any]:
+    for seg in segments:
+        yield from islice(iter_records(seg["path"], s.text_key, s.txt_mode), seg["start"], seg["stop"])
+
+
+class _Runner:
+    """Runs encode_chunk inline (one worker) or in a process pool, in order, with bounded lookahead."""
+
+    def __init__(self, s: PrepSettings, dtype: np.dtype):
+        options = {"text_key": s.text_key, "append_eod": s.append_eod, "dtype": dtype,
+                   "include": set(s.include_sets or ()), "exclude": set(s.exclude_sets or ())}
+        init_args = (s.tokenizer, s.eod_token, options)
+        self.workers = max(1, s.workers)
+        self.pool = None
+        if self.workers > 1:
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(self.workers, _init_worker, init_args)
+        else:
+            _init_worker(*init_args)
+
+    def map_ordered(self, fn, items: Iterator[Any], lookahead: int | None = None) -> Iterator[tuple]:
+        """(item's tag, fn(item's payload)) in input order; items are (payload, tag)."""
+        if self.pool is None:
+            for payload, tag in items:
+                yield tag, fn(payload)
+            return
+        limit = lookahead or 2 * self.workers + 2
+        pending: deque = deque()
+        for payload, tag in items:
+            pending.append((tag, self.pool.apply_async(fn, (payload,))))
+            if len(pending) >= limit:
+                tag0, res = pending.popleft()
+                yield tag0, res.get()
+        while pending:
+            tag0, res = pending.popleft()
+            yield tag0, res.get()
+
+    def close(self, ok: bool) -> None:
+        if self.pool is not None:
+            if ok:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+
+
+def _fingerprint(s: PrepSettings, tok: Tokenizer, files: list[Path]) -> str:
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = {
+        "tokenizer": tok.identity, "files": stats, "text_key": s.text_key, "append_eod": s.append_eod,
+        "include": sorted(s.include_sets or []), "exclude": sorted(s.exclude_sets or []),
+        "max_documents": s.max_documents, "shards": s.shards, "txt_mode": s.txt_mode,
+        "skip_bad_files": s.skip_bad_files, "nodes": [s.num_nodes, s.node_rank],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_complete(state_file: Path, prefix: str, fingerprint: str) -> dict | None:
+    """The saved result of a shard if it finished under the same settings and its files check out."""
+    if not state_file.is_file():
+        return None
+    try:
+        state = read_json(state_file)
+        if state.get("fingerprint") != fingerprint:
+            return None
+        ds = MMapIndexedDataset(prefix)
+        if len(ds) != state["documents"] or ds.n_tokens != state["tokens"]:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+def _rates(docs: int, nbytes: int, tokens: int, seconds: float) -> dict:
+    t = max(seconds, 1e-9)
+    return {"docs_per_s": round(docs / t, 1), "mb_per_s": round(nbytes / t / 1e6, 3),
+            "tokens_per_s": round(tokens / t, 1)}
+
+
+def run_prep(s: PrepSettings) -> dict:
+    """Run (or resume) a prep job; returns the manifest it wrote."""
+    t0 = time.time()
+    if s.shards < 1:
+        raise ValueError(f"--shards must be at least 1, got {s.shards}")
+    if s.max_documents is not None and s.max_documents < 0:
+        raise ValueError(f"--max-documents must be >= 0, got {s.max_documents}")
+    files = node_files(expand_inputs(s.inputs), s.num_nodes, s.node_rank)
+    tok = load_tokenizer(s.tokenizer, eod_token=s.eod_token)
+    dtype = best_dtype(tok.vocab_size)
+    out_prefix = node_prefix(s.output_prefix, s.num_nodes, s.node_rank)
+    man_path = manifest_path(out_prefix)
+    fingerprint = _fingerprint(s, tok, files)
+    if man_path.is_file():
+        try:
+            old = read_json(man_path)
+        except ValueError:
+            old = {}
+        if old.get("fingerprint") == fingerprint:
+            _log(f"{man_path}: already complete for these inputs and settings; nothing to do")
+            return old
+    state_dir = Path(f"{out_prefix}.prep-state")
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    runner = _Runner(s, dtype)
+    ok = False
+    try:
+        scans, bad_files = _scan(runner, files, s, state_dir)
+        plan = plan_shards(scans, s.shards, s.max_documents)
+        results, resumed = [], 0
+        total_records = sum(seg["stop"] - seg["start"] for segs in plan for seg in segs)
+        bar = tqdm(total=total_records, unit="rec", desc="tokenize", disable=not s.progress,
+                   file=sys.stderr, smoothing=0.1)
+        totals = {"docs": 0, "bytes": 0, "tokens": 0, "t": time.time()}
+        for k, segs in enumerate(plan):
+            prefix = shard_prefix(out_prefix, s.shards, k)
+            state_file = state_dir / f"shard_{k:05d}.json"
+            done = _shard_complete(state_file, prefix, fingerprint)
+            if done is not None:
+                resumed += 1
+                bar.update(done["records"])
+            else:
+                done = _write_shard(runner, segs, prefix, dtype, s, bar, totals)
+                done["fingerprint"] = fingerprint
+                write_json_atomic(state_file, done)
+            results.append(done)
+        bar.close()
+        ok = True
+    finally:
+        runner.close(ok)
+    seconds = time.time() - t0
+    manifest = _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, fingerprint,
+                         seconds, resumed)
+    write_json_atomic(man_path, manifest)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    _summary(manifest, man_path)
+    return manifest
+
+
+def _scan(runner: _Runner, files: list[Path], s: PrepSettings, state_dir: Path) -> tuple[list[dict], list]:
+    """Record counts and checksums of every input (cached in the state dir for resumed runs)."""
+    cache_file = state_dir / "scan.json"
+    cache = read_json(cache_file) if cache_file.is_file() else {}
+    keys = {str(f): f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}|{s.text_key}|{s.txt_mode}"
+            for f in files}
+    todo = [str(f) for f in files if keys[str(f)] not in cache]
+    if todo:
+        bar = tqdm(total=len(todo), unit="file", desc="scan", disable=not s.progress, file=sys.stderr)
+        items = (((p, s.text_key, s.txt_mode), p) for p in todo)
+        for path, res in runner.map_ordered(_scan_file, items, lookahead=max(runner.workers, 1)):
+            cache[keys[path]] = res
+            bar.update(1)
+        bar.close()
+        write_json_atomic(cache_file, cache)
+    scans, bad_files = [], []
+    for f in files:
+        res = cache[keys[str(f)]]
+        if "error" in res:
+            if not s.skip_bad_files:
+                raise _bad_file_error(res)
+            _log(f"skipping bad file: {res['error']}")
+            bad_files.append({"path": str(f), "error": res["error"]})
+        else:
+            scans.append(res)
+    return scans, bad_files
+
+
+def _bad_file_error(res: dict) -> ValueError:
+    return ValueError(res["error"] + " (use --skip-bad-files to leave this file out and go on)")
+
+
+def _write_shard(runner: _Runner, segs: list[dict], prefix: str, dtype: np.dtype, s: PrepSettings,
+                 bar: tqdm, totals: dict) -> dict:
+    writer = BinIdxWriter(prefix, dtype)
+    skipped: Counter = Counter()
+    sets: dict[str, dict] = {}
+    records = nbytes = 0
+    try:
+        items = ((chunk, (len(chunk), nb)) for chunk, nb in _chunks(_segment_records(segs, s)))
+        for (n_rec, nb), res in runner.map_ordered(encode_chunk, items):
+            writer.add_documents(res["tokens"], res["sizes"])
+            skipped.update(res["skipped"])
+            for name, (d, t) in res["sets"].items():
+                slot = sets.setdefault(name, {"documents": 0, "tokens": 0})
+                slot["documents"] += d
+                slot["tokens"] += t
+            records += n_rec
+            nbytes += nb
+            totals["docs"] += len(res["sizes"])
+            totals["bytes"] += nb
+            totals["tokens"] += int(res["tokens"].size)
+            bar.update(n_rec)
+            r = _rates(totals["docs"], totals["bytes"], totals["tokens"], time.time() - totals["t"])
+            bar.set_postfix_str(f"{r['docs_per_s']:.0f} docs/s {r['mb_per_s']:.2f} MB/s "
+                                f"{r['tokens_per_s']:.0f} tok/s", refresh=False)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"prefix": prefix, "documents": writer.documents, "tokens": writer.tokens, "records": records,
+            "bytes": nbytes, "skipped": dict(sorted(skipped.items())), "pile_set_names": sets,
+            "inputs": segs}
+
+
+def _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, fingerprint, seconds,
+              resumed) -> dict:
+    man_dir = manifest_path(out_prefix).resolve().parent
+    skipped: Counter = Counter()
+    sets: dict[str, dict] = {}
+    for r in results:
+        skipped.update(r["skipped"])
+        for name, c in r["pile_set_names"].items():
+            slot = sets.setdefault(name, {"documents": 0, "tokens": 0})
+            slot["documents"] += c["documents"]
+            slot["tokens"] += c["tokens"]
+    if bad_files:
+        skipped["bad_file"] = len(bad_files)
+    docs = sum(r["documents"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    nbytes = sum(r["bytes"] for r in results)
+    settings = asdict(s)
+    settings.pop("progress")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tok.describe(),
+        "dtype": np.dtype(dtype).name,
+        "append_eod": s.append_eod,
+        "documents": docs,
+        "tokens": tokens,
+        "shards": [
+            {"prefix": os.path.relpath(Path(r["prefix"]).resolve(), man_dir), "documents": r["documents"],
+             "tokens": r["tokens"], "records": r["records"], "inputs": r["inputs"]}
+            for r in results
+        ],
+        "inputs": [{"path": x["path"], "bytes": x["bytes"], "sha256": x["sha256"], "records": x["records"]}
+                   for x in scans],
+        "pile_set_names": dict(sorted(sets.items())),
+        "skipped": dict(sorted(skipped.items())),
+        "bad_files": bad_files,
+        "settings": settings,
+        "fingerprint": fingerprint,
+        "timings": {"seconds": round(seconds, 3), "resumed_shards": resumed,
+                    **_rates(docs, nbytes, tokens, seconds)},
+    }
+
+
+def _log(msg: str) -> None:
+    print(f"data_prep: {msg}", file=sys.stderr, flush=True)
+
+
+def _summary(m: dict, path: Path) -> None:
+    t = m["timings"]
+    lines = [
+        f"wrote {len(m['shards'])} shard(s), {m['documents']} documents, {m['tokens']} tokens "
+        f"({m['dtype']}) in {t['seconds']:.1f} s: {t['docs_per_s']:.0f} docs/s, {t['mb_per_s']:.2f} MB/s, "
+        f"{t['tokens_per_s']:.0f} tokens/s" + (f"; {t['resumed_shards']} shard(s) kept from an earlier run"
+                                              if t["resumed_shards"] else ""),
+        "skipped: " + (", ".join(f"{k}={v}" for k, v in m["skipped"].items()) or "none"),
+    ]
+    lines += [f"bad file: {b['error']}" for b in m["bad_files"]]
+    lines.append(f"manifest: {path}")
+    for line in lines:
+        _log(line)

@@ -1,0 +1,167 @@
+"""Tokenizers behind one small interface: HF `tokenizer.json`, sentencepiece `.model`, `rwkv-world`.
+
+`load_tokenizer(spec)` picks the kind from the spec. Every tokenizer exposes
+`encode`, `encode_batch` (the fast path the pipeline uses), `decode`,
+`vocab_size`, `eod_id` (appended after each document) and `identity`
+(a hash of the vocabulary file, recorded in manifests so that shards made with
+different vocabularies are never mixed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+WORLD_SPEC = "rwkv-world"
+# RWKV World models have 65536 embedding rows; the vocabulary file fills ids 1..65529.
+WORLD_VOCAB_SIZE = 65536
+# End-of-document tokens tried, in order, when a HF tokenizer.json is given.
+HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+
+
+def _file_identity(kind: str, path: Path) -> str:
+    h = hashlib.sha256(kind.encode() + b"\0")
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{kind}:sha256:{h.hexdigest()}"
+
+
+class Tokenizer:
+    """Common interface; subclasses fill `kind`, `spec`, `vocab_size`, `eod_id`, `identity`."""
+
+    kind: str
+    spec: str
+    vocab_size: int
+    eod_id: int
+    identity: str
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "identity": self.identity,
+            "vocab_size": self.vocab_size,
+            "eod_id": self.eod_id,
+        }
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` JSON file, e.g. GPT-NeoX-20B's (the Pile standard, `<|endoftext|>` = 0)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike, eod_token: str | None = None):
+        from tokenizers import Tokenizer as _HF
+
+        self.path = Path(path)
+        self.spec = str(path)
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable HF tokenizer.json ({e})") from e
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        candidates = (eod_token,) if eod_token else HF_EOD_CANDIDATES
+        ids = [self._tok.token_to_id(t) for t in candidates]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ValueError(
+                f"{path}: no end-of-document token among {list(candidates)}; name one with --eod-token"
+            )
+        self.eod_id = found[0]
+        self.identity = _file_identity(self.kind, self.path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model`; its EOS piece is the end-of-document token."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self.spec = str(path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod_id = self._sp.eos_id()
+        if self.eod_id < 0:
+            raise ValueError(f"{path}: sentencepiece model has no EOS piece to use as end-of-document")
+        self.identity = _file_identity(self.kind, self.path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One C++ call for the whole batch; threads stay at 1 since the pipeline runs one per process.
+        return self._sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def world_vocab_path() -> Path:
+    import rwkv
+
+    return Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"
+
+
+class WorldTokenizer(Tokenizer):
+    """RWKV World vocabulary (`rwkv_vocab_v20230424`), greedy longest byte match; id 0 ends a document."""
+
+    kind = "rwkv-world"
+
+    def __init__(self):
+        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+        path = world_vocab_path()
+        self.spec = WORLD_SPEC
+        self._tok = TRIE_TOKENIZER(str(path))
+        self.vocab_size = WORLD_VOCAB_SIZE
+        self.eod_id = 0
+        self.identity = _file_identity(self.kind, path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        # Id 0 has no bytes in the vocabulary: it only marks a document's end.
+        return self._tok.decodeBytes([int(i) for i in ids if int(i) != 0]).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str | os.PathLike, eod_token: str | None = None) -> Tokenizer:
+    """`rwkv-world`, a sentencepiece `.model`, or a HF `tokenizer.json` (any other `.json`)."""
+    spec_s = str(spec)
+    if spec_s == WORLD_SPEC:
+        return WorldTokenizer()
+    path = Path(spec_s)
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec_s}: tokenizer file not found (expected a tokenizer.json, "
+                                f"a sentencepiece .model, or '{WORLD_SPEC}')")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".json":
+        return HFTokenizer(path, eod_token=eod_token)
+    raise ValueError(f"{spec_s}: unknown tokenizer kind (expected .json, .model or '{WORLD_SPEC}')")
