@@ -85,11 +85,27 @@ class Settings:
 
 def demo_settings(args: argparse.Namespace) -> Settings:
     if args.quick:  # the test's reduced form: same steps, minutes less
-        s = Settings(args.out, steps=24, checkpoint_every=8, eval_every=8, vocab_size=512, nproc=2,
-                     sample_tokens=40, heldout_tokens=1500)
+        s = Settings(
+            args.out,
+            steps=24,
+            checkpoint_every=8,
+            eval_every=8,
+            vocab_size=512,
+            nproc=2,
+            sample_tokens=40,
+            heldout_tokens=1500,
+        )
     else:
-        s = Settings(args.out, steps=1500, checkpoint_every=250, eval_every=250, vocab_size=2048, nproc=2,
-                     sample_tokens=300, heldout_tokens=20000)
+        s = Settings(
+            args.out,
+            steps=1500,
+            checkpoint_every=250,
+            eval_every=250,
+            vocab_size=2048,
+            nproc=2,
+            sample_tokens=300,
+            heldout_tokens=20000,
+        )
     if args.steps:
         s.steps = args.steps
         s.checkpoint_every = min(s.checkpoint_every, max(1, args.steps // 3))
@@ -118,8 +134,9 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> str:
     """Run cmd, echoing its output live and into `log`; return the output. Raise on failure."""
     show(cmd)
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO
+    )
     chunks = []
     with open(log, "ab") as f:
         assert proc.stdout is not None
@@ -133,8 +150,10 @@ def run(cmd: list[str], log: Path, env: dict[str, str]) -> str:
             sys.stdout.flush()
     rc = proc.wait()
     if rc != 0:
-        raise DemoError(f"command failed with exit status {rc} (log: {log}):\n  "
-                        + " ".join(shlex.quote(str(c)) for c in cmd))
+        raise DemoError(
+            f"command failed with exit status {rc} (log: {log}):\n  "
+            + " ".join(shlex.quote(str(c)) for c in cmd)
+        )
     return b"".join(chunks).decode(errors="replace")
 
 
@@ -200,8 +219,21 @@ def tokenizer_done(s: Settings) -> bool:
 
 
 def train_tokenizer(s: Settings, env: dict[str, str]) -> None:
-    run([sys.executable, "-m", "data_prep.train_tokenizer", "--input", *CORPUS, "--vocab-size",
-         str(s.vocab_size), "--model-prefix", s.tokenizer.with_suffix("")], s.out / "logs" / "tokenizer.log", env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.train_tokenizer",
+            "--input",
+            *CORPUS,
+            "--vocab-size",
+            str(s.vocab_size),
+            "--model-prefix",
+            s.tokenizer.with_suffix(""),
+        ],
+        s.out / "logs" / "tokenizer.log",
+        env,
+    )
 
 
 def shards_done(s: Settings) -> bool:
@@ -220,8 +252,23 @@ def shards_done(s: Settings) -> bool:
 
 
 def prep_shards(s: Settings, env: dict[str, str]) -> None:
-    run([sys.executable, "-m", "data_prep", "--input", *CORPUS, "--tokenizer", s.tokenizer,
-         "--output-prefix", s.manifest.parent / "demo", "--shards", "2"], s.out / "logs" / "prep.log", env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--input",
+            *CORPUS,
+            "--tokenizer",
+            s.tokenizer,
+            "--output-prefix",
+            s.manifest.parent / "demo",
+            "--shards",
+            "2",
+        ],
+        s.out / "logs" / "prep.log",
+        env,
+    )
     write_heldout(s)
 
 
@@ -259,8 +306,18 @@ def train_overrides(s: Settings) -> list[str]:
 
 
 def train_cmd(s: Settings) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
-           "-m", "train", "--config", REPO / "configs" / "demo.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(s.nproc),
+        "-m",
+        "train",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+    ]
     for o in train_overrides(s):
         cmd += ["--set", o]
     return cmd
@@ -279,8 +336,14 @@ def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         # A session of its own, so the kill reaches torchrun and both training processes.
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         print(f"(output in {log}; waiting for the first checkpoint)", flush=True)
         t0 = time.time()
         while proc.poll() is None and latest_tag(s) is None:
@@ -315,21 +378,72 @@ def convert_done(s: Settings, kind: str) -> bool:
 
 def convert(s: Settings, env: dict[str, str], kind: str) -> None:
     out = s.rwkv_weights if kind == "rwkv" else s.hf_dir
-    run([sys.executable, "-m", "launch.convert", "--input", s.checkpoints, "--tag", str(latest_tag(s)),
-         "--to", kind, "--output", out, "--verify", "--tokenizer", s.tokenizer],
-        s.out / "logs" / f"convert_{kind}.log", env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "launch.convert",
+            "--input",
+            s.checkpoints,
+            "--tag",
+            str(latest_tag(s)),
+            "--to",
+            kind,
+            "--output",
+            out,
+            "--verify",
+            "--tokenizer",
+            s.tokenizer,
+        ],
+        s.out / "logs" / f"convert_{kind}.log",
+        env,
+    )
 
 
 def generate(s: Settings, env: dict[str, str]) -> None:
-    out = run([sys.executable, "-m", "launch.generate", "--weights", s.rwkv_weights, "--tokenizer",
-               s.tokenizer, "--prompt", PROMPT, "--max-tokens", str(s.sample_tokens), "--temperature", "0.8",
-               "--top-p", "0.85", "--seed", "7"], s.out / "logs" / "generate.log", env)
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "launch.generate",
+            "--weights",
+            s.rwkv_weights,
+            "--tokenizer",
+            s.tokenizer,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            str(s.sample_tokens),
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.85",
+            "--seed",
+            "7",
+        ],
+        s.out / "logs" / "generate.log",
+        env,
+    )
     s.sample.write_text(out, encoding="utf-8")
 
 
 def score(s: Settings, env: dict[str, str], weights: Path, name: str, extra: list[str]) -> dict:
-    out = run([sys.executable, "-m", "launch.generate", "--weights", weights, "--tokenizer", s.tokenizer,
-               "--score", s.heldout, *extra], s.out / "logs" / f"score_{name}.log", env)
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "launch.generate",
+            "--weights",
+            weights,
+            "--tokenizer",
+            s.tokenizer,
+            "--score",
+            s.heldout,
+            *extra,
+        ],
+        s.out / "logs" / f"score_{name}.log",
+        env,
+    )
     lines = [ln for ln in out.splitlines() if ln.startswith("{") and '"perplexity"' in ln]
     if not lines:
         raise DemoError(f"launch.generate --score printed no result (log: {s.out / 'logs'})")
@@ -353,8 +467,9 @@ def perplexity_before(s: Settings, env: dict[str, str]) -> None:
     torch.manual_seed(0)
     torch.save(RWKV(cfg).state_dict(), init_dir / "init.pt")
     results = {
-        "fresh initialisation": score(s, env, init_dir / "init.pt", "init",
-                                      ["--model-config", init_dir / "model_config.json"]),
+        "fresh initialisation": score(
+            s, env, init_dir / "init.pt", "init", ["--model-config", init_dir / "model_config.json"]
+        ),
         f"first checkpoint ({tag})": score(s, env, s.checkpoints, "first", ["--tag", tag]),
     }
     s.perplexity.write_text(json.dumps(results, indent=2) + "\n")
@@ -385,22 +500,43 @@ class Step:
 
 def steps(s: Settings, env: dict[str, str]) -> list[Step]:
     return [
-        Step(f"Train a sentencepiece tokenizer (vocabulary {s.vocab_size}) on the embedded corpus",
-             lambda: tokenizer_done(s), lambda: train_tokenizer(s, env)),
+        Step(
+            f"Train a sentencepiece tokenizer (vocabulary {s.vocab_size}) on the embedded corpus",
+            lambda: tokenizer_done(s),
+            lambda: train_tokenizer(s, env),
+        ),
         Step("Tokenize the corpus into binidx shards", lambda: shards_done(s), lambda: prep_shards(s, env)),
-        Step(f"Train with DeepSpeed ZeRO-2 on {s.nproc} CPU processes; kill it after the first checkpoint",
-             lambda: latest_tag(s) is not None, lambda: train_until_first_checkpoint(s, env)),
-        Step("Held-out perplexity before training: fresh initialisation and the first checkpoint",
-             lambda: s.perplexity.is_file(), lambda: perplexity_before(s, env)),
-        Step(f"Resume from the ZeRO checkpoint and train to step {s.steps}",
-             lambda: training_done(s), lambda: resume_training(s, env)),
-        Step("Convert to the rwkv package's .pth (--verify)", lambda: convert_done(s, "rwkv"),
-             lambda: convert(s, env, "rwkv")),
-        Step("Convert to a Hugging Face transformers directory (--verify)", lambda: convert_done(s, "hf"),
-             lambda: convert(s, env, "hf")),
+        Step(
+            f"Train with DeepSpeed ZeRO-2 on {s.nproc} CPU processes; kill it after the first checkpoint",
+            lambda: latest_tag(s) is not None,
+            lambda: train_until_first_checkpoint(s, env),
+        ),
+        Step(
+            "Held-out perplexity before training: fresh initialisation and the first checkpoint",
+            lambda: s.perplexity.is_file(),
+            lambda: perplexity_before(s, env),
+        ),
+        Step(
+            f"Resume from the ZeRO checkpoint and train to step {s.steps}",
+            lambda: training_done(s),
+            lambda: resume_training(s, env),
+        ),
+        Step(
+            "Convert to the rwkv package's .pth (--verify)",
+            lambda: convert_done(s, "rwkv"),
+            lambda: convert(s, env, "rwkv"),
+        ),
+        Step(
+            "Convert to a Hugging Face transformers directory (--verify)",
+            lambda: convert_done(s, "hf"),
+            lambda: convert(s, env, "hf"),
+        ),
         Step("Generate a sample", lambda: newer_than(s.sample, s.rwkv_weights), lambda: generate(s, env)),
-        Step("Held-out perplexity after training", lambda: perplexity_after_done(s),
-             lambda: perplexity_after(s, env)),
+        Step(
+            "Held-out perplexity after training",
+            lambda: perplexity_after_done(s),
+            lambda: perplexity_after(s, env),
+        ),
     ]
 
 
@@ -411,13 +547,17 @@ def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
     print(f"  {sum(t for _, t, _ in timings):7.1f} s  total")
     state = load_state(s)
     if "interrupted_at" in state:
-        print(f"\nInterrupted after checkpoint step{state['interrupted_at']}; "
-              f"resumed from step{state.get('resumed_from', state['interrupted_at'])}.")
+        print(
+            f"\nInterrupted after checkpoint step{state['interrupted_at']}; "
+            f"resumed from step{state.get('resumed_from', state['interrupted_at'])}."
+        )
     if s.perplexity.is_file():
         print("\nHeld-out perplexity (tokens the trainer set aside for validation):")
         for name, r in json.loads(s.perplexity.read_text()).items():
-            print(f"  {name:32s} {r['perplexity']:10.2f}   "
-                  f"({r['tokens']} tokens, {r['mean_loss']:.3f} nats/token)")
+            print(
+                f"  {name:32s} {r['perplexity']:10.2f}   "
+                f"({r['tokens']} tokens, {r['mean_loss']:.3f} nats/token)"
+            )
     if s.sample.is_file():
         print("\nSample (temperature 0.8, top-p 0.85):\n" + "-" * 60)
         print(s.sample.read_text(encoding="utf-8").strip())
@@ -425,16 +565,26 @@ def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
     rel = lambda p: os.path.relpath(p, Path.cwd())  # noqa: E731
     print("\nArtefacts:")
     for label, path in [
-        ("tokenizer", s.tokenizer), ("token shards + manifest", s.manifest), ("held-out text", s.heldout),
-        ("run directory", s.run_dir), ("resolved config", s.run_dir / "config.resolved.yaml"),
-        ("DeepSpeed checkpoints", s.checkpoints), ("metrics", s.run_dir / "metrics.jsonl"),
-        ("TensorBoard logs", s.run_dir / "tb"), ("rwkv .pth", s.rwkv_weights), ("Hugging Face dir", s.hf_dir),
-        ("sample", s.sample), ("perplexities", s.perplexity), ("logs of every step", s.out / "logs"),
+        ("tokenizer", s.tokenizer),
+        ("token shards + manifest", s.manifest),
+        ("held-out text", s.heldout),
+        ("run directory", s.run_dir),
+        ("resolved config", s.run_dir / "config.resolved.yaml"),
+        ("DeepSpeed checkpoints", s.checkpoints),
+        ("metrics", s.run_dir / "metrics.jsonl"),
+        ("TensorBoard logs", s.run_dir / "tb"),
+        ("rwkv .pth", s.rwkv_weights),
+        ("Hugging Face dir", s.hf_dir),
+        ("sample", s.sample),
+        ("perplexities", s.perplexity),
+        ("logs of every step", s.out / "logs"),
     ]:
         print(f"  {label:26s} {rel(path)}{'' if path.exists() else '  (missing)'}")
     print(f"\nTensorBoard:  tensorboard --logdir {rel(s.run_dir / 'tb')}")
-    print(f"Generate:     {sys.executable} -m launch.generate --weights {rel(s.rwkv_weights)} "
-          f"--prompt {shlex.quote(PROMPT)}")
+    print(
+        f"Generate:     {sys.executable} -m launch.generate --weights {rel(s.rwkv_weights)} "
+        f"--prompt {shlex.quote(PROMPT)}"
+    )
 
 
 def heading(text: str) -> None:
@@ -442,10 +592,14 @@ def heading(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo",
-                   help="output directory (default runs/demo)")
+    p = argparse.ArgumentParser(
+        prog="python -m launch.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out", type=Path, default=REPO / "runs" / "demo", help="output directory (default runs/demo)"
+    )
     p.add_argument("--clean", action="store_true", help="delete the output directory first")
     p.add_argument("--quick", action="store_true", help="a reduced run (a couple of minutes) for tests")
     p.add_argument("--steps", type=int, help="optimizer steps of the training run")

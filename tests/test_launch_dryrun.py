@@ -57,8 +57,11 @@ def test_deepspeed_hostfile_ssh_form(tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# cluster\ngpu-a slots=8\n\ngpu-b slots=8   # second\ngpu-c slots=4\n")
     proc = run_script([str(LAUNCH / "deepspeed.sh"), "--hostfile", str(hostfile), "--", *TRAIN_ARGS])
-    launcher = [shlex.split(line.split(": ", 1)[1]) for line in proc.stdout.splitlines()
-                if line.startswith("launcher ")]
+    launcher = [
+        shlex.split(line.split(": ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith("launcher ")
+    ]
     assert len(launcher) == 1
     cmd = launcher[0]
     assert cmd[0] == "deepspeed" and option(cmd, "--hostfile") == str(hostfile)
@@ -88,8 +91,11 @@ def test_deepspeed_no_ssh_form_one_node_and_all(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, problem",
-    [("gpu-a slots=8\ngpu-a slots=8\n", "listed twice"), ("gpu-a 8\n", "expected 'HOSTNAME slots=N'"),
-     ("# nothing\n", "no hosts")],
+    [
+        ("gpu-a slots=8\ngpu-a slots=8\n", "listed twice"),
+        ("gpu-a 8\n", "expected 'HOSTNAME slots=N'"),
+        ("# nothing\n", "no hosts"),
+    ],
 )
 def test_deepspeed_bad_hostfile_names_file_and_problem(tmp_path: Path, text: str, problem: str) -> None:
     hostfile = tmp_path / "hosts.txt"
@@ -102,8 +108,19 @@ def test_deepspeed_bad_hostfile_names_file_and_problem(tmp_path: Path, text: str
 
 
 def test_torchrun_c10d_per_node_commands() -> None:
-    proc = run_script([str(LAUNCH / "torchrun.sh"), "--hosts", "10.2.0.1,10.2.0.2,10.2.0.3",
-                       "--nproc-per-node", "4", "--rdzv-id", "job7", "--", *TRAIN_ARGS])
+    proc = run_script(
+        [
+            str(LAUNCH / "torchrun.sh"),
+            "--hosts",
+            "10.2.0.1,10.2.0.2,10.2.0.3",
+            "--nproc-per-node",
+            "4",
+            "--rdzv-id",
+            "job7",
+            "--",
+            *TRAIN_ARGS,
+        ]
+    )
     nodes = node_lines(proc.stdout)
     assert [(r, h) for r, h, _ in nodes] == [(0, "10.2.0.1"), (1, "10.2.0.2"), (2, "10.2.0.3")]
     for rank, host, cmd in nodes:
@@ -119,8 +136,21 @@ def test_torchrun_c10d_per_node_commands() -> None:
 
 def test_torchrun_single_node_line_and_errors() -> None:
     script = str(LAUNCH / "torchrun.sh")
-    one = node_lines(run_script([script, "--nnodes", "2", "--rdzv-endpoint", "head:1234",
-                                 "--node-rank", "1", "--local-addr", "10.3.0.2"]).stdout)
+    one = node_lines(
+        run_script(
+            [
+                script,
+                "--nnodes",
+                "2",
+                "--rdzv-endpoint",
+                "head:1234",
+                "--node-rank",
+                "1",
+                "--local-addr",
+                "10.3.0.2",
+            ]
+        ).stdout
+    )
     assert len(one) == 1 and one[0][:2] == (1, "10.3.0.2")
     assert option(one[0][2], "--rdzv_endpoint") == "head:1234" and "--rdzv_conf" not in one[0][2]
     no_endpoint = run_script([script, "--nnodes", "2"], check=False)
@@ -132,11 +162,19 @@ def test_torchrun_single_node_line_and_errors() -> None:
 def test_slurm_tasks_ranks_and_master() -> None:
     proc = run_script(
         [str(LAUNCH / "slurm.sbatch"), *TRAIN_ARGS],
-        {"SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_NNODES": "3", "SLURM_NTASKS_PER_NODE": "2",
-         "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO)},
+        {
+            "SLURM_JOB_NODELIST": "gpu[07-09]",
+            "SLURM_NNODES": "3",
+            "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_SUBMIT_DIR": str(REPO),
+        },
     )
-    srun = [shlex.split(line.split(": ", 1)[1]) for line in proc.stdout.splitlines()
-            if line.startswith("launcher ")][0]
+    srun = [
+        shlex.split(line.split(": ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith("launcher ")
+    ][0]
     assert srun[0] == "srun" and option(srun, "--ntasks") == "6" and "--kill-on-bad-exit=1" in srun
     assert srun[-len(TRAIN_ARGS) :] == TRAIN_ARGS
     tasks = node_lines(proc.stdout)
@@ -155,8 +193,13 @@ def test_slurm_tasks_ranks_and_master() -> None:
 def test_common_env_passthrough_and_caller_wins() -> None:
     proc = run_script(
         [str(LAUNCH / "torchrun.sh"), "--nnodes", "1", "--rdzv-endpoint", "h"],
-        {"NCCL_IB_HCA": "mlx5_0,mlx5_1", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "eth7",
-         "OMP_NUM_THREADS": "6", "UNRELATED_VAR": "x"},
+        {
+            "NCCL_IB_HCA": "mlx5_0,mlx5_1",
+            "NCCL_SOCKET_IFNAME": "ib0",
+            "GLOO_SOCKET_IFNAME": "eth7",
+            "OMP_NUM_THREADS": "6",
+            "UNRELATED_VAR": "x",
+        },
     )
     env = env_lines(proc.stdout)
     assert env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and env["NCCL_SOCKET_IFNAME"] == "ib0"
@@ -167,8 +210,11 @@ def test_common_env_passthrough_and_caller_wins() -> None:
 def test_deepspeed_env_file_is_what_the_launcher_parses(tmp_path: Path) -> None:
     # The ssh runner reads DS_ENV_FILE line by line as KEY=VALUE (split once on '=').
     env_file = tmp_path / "ds_env"
-    subprocess.run(["bash", "-c", f"source {LAUNCH / 'env.sh'} && rwkv_write_ds_env_file {env_file}"],
-                   check=True, env={**os.environ, "NCCL_IB_GID_INDEX": "3", "NCCL_DEBUG": "INFO"})
+    subprocess.run(
+        ["bash", "-c", f"source {LAUNCH / 'env.sh'} && rwkv_write_ds_env_file {env_file}"],
+        check=True,
+        env={**os.environ, "NCCL_IB_GID_INDEX": "3", "NCCL_DEBUG": "INFO"},
+    )
     parsed = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
     assert parsed["NCCL_IB_GID_INDEX"] == "3" and parsed["NCCL_DEBUG"] == "INFO"
     assert parsed["PYTHONPATH"].split(":")[0] == str(REPO)
