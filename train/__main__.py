@@ -1,0 +1,39 @@
+"""`python -m train --config configs/X.yaml [--set key=value ...]` (console script `rwkv-train`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rwkv-train",
+        description="Train an RWKV-4 model with DeepSpeed ZeRO (launch with torchrun, deepspeed, srun, "
+        "or run as a single process).",
+    )
+    parser.add_argument("--config", help="YAML run config (see configs/ and docs/training.md)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=100 --set model.n_layer=6 (repeatable)",
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)  # older deepspeed launchers pass it as a flag
+
+    from train.run_config import ConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        from train.trainer import run
+
+        return run(cfg)
+    except ConfigError as e:
+        print(f"[train] config error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

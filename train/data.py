@@ -1,0 +1,181 @@
+"""Training windows over memory-mapped token shards, in RWKV-LM's "magic prime" order.
+
+The shards of one or more data_prep manifests are cut into `ctx_len`-token chunks; sample `g`
+reads the `ctx_len + 1` tokens starting at a chunk (inputs and next-token targets). The order is
+RWKV-LM v4neo's (`src/dataset.py`, `my_pile_stage > 0`): with `p` the largest prime not above the
+number of chunks such that `p % 3 == 2`, sample `g` of an epoch of `p` samples reads chunk
+
+    (factor * ii**3) mod p,   ii = (g + 1 + seed) mod p,   factor = int(p * (sqrt(5) - 1) / 2)
+
+Cubing is a bijection modulo such a prime, so every chunk below `p` is read exactly once per epoch,
+in a scattered order, with no state to save: the data position is just the sample counter. Later
+epochs multiply `factor` by `epoch + 1` (still a bijection, another order).
+
+Sample numbers are laid out so that each rank reads a disjoint slice, and so that the same global
+batch is read whatever the split between processes and gradient accumulation (which is what lets
+a run resume at another world size on the same data): micro-batch `m` of optimizer step `s` on
+rank `r` holds samples `((s * grad_accum + m) * world + r) * micro_batch + b`.
+
+Validation: the last `val_documents` documents of the last shard are held out of training and
+read as consecutive non-overlapping windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.run_config import ConfigError
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
+
+
+def magic_prime(n_chunks: int) -> int:
+    """Largest prime p <= n_chunks with p % 3 == 2 (RWKV-LM's `magic_prime`)."""
+    for p in range(n_chunks, 1, -1):
+        if p % 3 == 2 and is_prime(p):
+            return p
+    raise ValueError(f"no prime p <= {n_chunks} with p % 3 == 2")
+
+
+@dataclass
+class Shard:
+    prefix: Path
+    tokens: np.ndarray  # flat memmap of the .bin
+    train_tokens: int  # tokens usable for training (a prefix of the shard)
+
+
+def _load_manifests(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from data_prep.manifest import load_manifest
+
+    manifests = []
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(f"data manifest {p}: file not found (run `python -m data_prep` first)")
+        try:
+            manifests.append(load_manifest(p))
+        except (ValueError, OSError, KeyError) as e:
+            raise ConfigError(f"data manifest {p}: {e}") from None
+    first = manifests[0]["tokenizer"]
+    for p, m in zip(paths[1:], manifests[1:], strict=True):
+        if m["tokenizer"].get("identity") != first.get("identity"):
+            raise ConfigError(
+                f"data manifest {p}: tokenizer {m['tokenizer'].get('spec')!r} "
+                f"(identity {m['tokenizer'].get('identity')}) differs from {paths[0]}'s "
+                f"{first.get('spec')!r} (identity {first.get('identity')}); all manifests of a run "
+                "must use the same tokenizer"
+            )
+    return manifests, first
+
+
+class TokenWindows:
+    """Deterministic `ctx_len + 1` windows over the shards of one or more manifests."""
+
+    def __init__(self, manifest_paths: list[Path], ctx_len: int, val_documents: int = 0, seed: int = 0):
+        from data_prep.binidx import MMapIndexedDataset
+
+        self.ctx_len = ctx_len
+        self.seed = seed
+        manifests, self.tokenizer = _load_manifests(manifest_paths)
+        self.vocab_size = int(self.tokenizer["vocab_size"])
+        opened: list[tuple[Path, Any]] = []
+        for mpath, m in zip(manifest_paths, manifests, strict=True):
+            if not m.get("shards"):
+                raise ConfigError(f"data manifest {mpath}: lists no shards")
+            for entry in m["shards"]:
+                try:
+                    ds = MMapIndexedDataset(entry["prefix"])
+                except (FileNotFoundError, ValueError) as e:
+                    raise ConfigError(f"data manifest {mpath}: shard {entry['prefix']}: {e}") from None
+                if "documents" in entry and len(ds) != int(entry["documents"]):
+                    raise ConfigError(
+                        f"data manifest {mpath}: shard {entry['prefix']} has {len(ds)} documents, "
+                        f"the manifest says {entry['documents']} (shard and manifest are from different runs)"
+                    )
+                if "tokens" in entry and ds.n_tokens != int(entry["tokens"]):
+                    raise ConfigError(
+                        f"data manifest {mpath}: shard {entry['prefix']} has {ds.n_tokens} tokens, "
+                        f"the manifest says {entry['tokens']} (shard and manifest are from different runs)"
+                    )
+                if "dtype" in m and np.dtype(m["dtype"]) != ds.dtype:
+                    raise ConfigError(
+                        f"data manifest {mpath}: shard {entry['prefix']} holds {ds.dtype}, "
+                        f"the manifest says {m['dtype']}"
+                    )
+                opened.append((Path(entry["prefix"]), ds))
+
+        # Hold out the last documents of the last shard for validation.
+        last_prefix, last = opened[-1]
+        if val_documents >= len(last):
+            raise ConfigError(
+                f"data: val_documents={val_documents} but the last shard {last_prefix} has only "
+                f"{len(last)} documents; lower data.val_documents"
+            )
+        self.shards: list[Shard] = []
+        for prefix, ds in opened:
+            self.shards.append(Shard(prefix, ds.tokens, ds.n_tokens))
+        if val_documents > 0:
+            cut = int(last.pointers[len(last) - val_documents]) // last.dtype.itemsize
+            self.shards[-1].train_tokens = cut
+            self.val_tokens = last.tokens[cut:]
+        else:
+            self.val_tokens = last.tokens[:0]
+
+        counts = [max(0, (s.train_tokens - 1) // ctx_len) for s in self.shards]
+        self.chunk_starts = np.cumsum([0] + counts)  # chunk id -> shard via searchsorted
+        self.n_chunks = int(self.chunk_starts[-1])
+        if self.n_chunks < 5:
+            raise ConfigError(
+                f"data: only {self.n_chunks} training windows of {ctx_len + 1} tokens in "
+                f"{', '.join(str(p) for p in manifest_paths)}; need more data or a shorter ctx_len"
+            )
+        self.prime = magic_prime(self.n_chunks)
+        self.factor = int(self.prime * (math.sqrt(5) - 1) / 2)
+        self.n_val_windows = max(0, (len(self.val_tokens) - 1) // ctx_len)
+
+    # ------------------------------------------------------------------------------------ train
+    def chunk_of(self, g: int) -> int:
+        """Chunk read by global sample number g."""
+        p = self.prime
+        epoch, pos = divmod(g, p)
+        ii = (pos + 1 + self.seed) % p
+        factor = (self.factor * (epoch + 1)) % p or 1
+        return (factor * pow(ii, 3, p)) % p
+
+    def window(self, chunk: int) -> np.ndarray:
+        s = int(np.searchsorted(self.chunk_starts, chunk, side="right")) - 1
+        start = (chunk - int(self.chunk_starts[s])) * self.ctx_len
+        return np.asarray(self.shards[s].tokens[start : start + self.ctx_len + 1], dtype=np.int64)
+
+    def sample(self, g: int) -> np.ndarray:
+        return self.window(self.chunk_of(g))
+
+    def batch(
+        self, step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int
+    ) -> torch.Tensor:
+        """(micro_batch, ctx_len + 1) int64 tokens for one micro-batch of one rank."""
+        base = ((step * grad_accum + micro) * world + rank) * micro_batch
+        return torch.from_numpy(np.stack([self.sample(base + b) for b in range(micro_batch)]))
+
+    # ------------------------------------------------------------------------------------ validation
+    def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
+        """This rank's share of the validation windows: up to max_batches micro-batches."""
+        ctx = self.ctx_len
+        ids = list(range(rank, self.n_val_windows, world))[: max_batches * micro_batch]
+        out = []
+        for i in range(0, len(ids), micro_batch):
+            rows = [np.asarray(self.val_tokens[k * ctx : k * ctx + ctx + 1], dtype=np.int64)
+                    for k in ids[i : i + micro_batch]]
+            out.append(torch.from_numpy(np.stack(rows)))
+        return out

@@ -1,0 +1,109 @@
+"""Fill DeepSpeed's `"auto"` fields from the run config and refuse contradictions.
+
+The run config is the single source of truth for batch sizes, precision, ZeRO stage, clipping and
+the optimizer hyper-parameters; `ds_config.json` carries everything else (bucket sizes, fp16 loss
+scaling, offload details). A value written explicitly in `ds_config.json` must agree with the run
+config, otherwise the run stops before any process group starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from train.run_config import ConfigError, RunConfig
+
+AUTO = "auto"
+
+
+def load_ds_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path}: expected a JSON object")
+    return data
+
+
+def _fill(node: dict[str, Any], key: str, value: Any, where: str, origin: str) -> None:
+    """node[key] = value if it is absent or "auto"; otherwise it must already equal value."""
+    current = node.get(key, AUTO)
+    if current == AUTO:
+        node[key] = value
+        return
+    same = current == value
+    if isinstance(value, float) and isinstance(current, (int, float)):
+        same = abs(float(current) - value) <= 1e-12 * max(1.0, abs(value))
+    if isinstance(value, list) and isinstance(current, list):
+        same = [float(x) for x in current] == [float(x) for x in value]
+    if not same:
+        raise ConfigError(
+            f"{origin}: {where} is {current!r} but the run config implies {value!r}; "
+            f'set it to "auto" in the DeepSpeed config or change the run config'
+        )
+
+
+def fill_ds_config(
+    ds: dict[str, Any], cfg: RunConfig, world_size: int, origin: str = "ds_config.json"
+) -> dict[str, Any]:
+    """A copy of `ds` with every "auto" resolved for this run at this world size."""
+    ds = copy.deepcopy(ds)
+    t, o = cfg.train, cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train_micro_batch_size_per_gpu", origin)
+    _fill(ds, "gradient_accumulation_steps", t.grad_accum, "gradient_accumulation_steps", origin)
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size, "train_batch_size", origin)
+    _fill(ds, "gradient_clipping", float(t.grad_clip), "gradient_clipping", origin)
+
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        _fill(section, "enabled", t.precision == name, f"{name}.enabled", origin)
+
+    zero = ds.setdefault("zero_optimization", {})
+    _fill(zero, "stage", t.zero_stage, "zero_optimization.stage", origin)
+    offload = zero.get("offload_optimizer")
+    if isinstance(offload, dict):
+        _fill(offload, "device", "cpu" if t.offload_optimizer else "none", "offload_optimizer.device", origin)
+        if offload["device"] == "none":
+            zero.pop("offload_optimizer")
+    elif t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if t.zero_stage == 0:
+        zero.pop("offload_optimizer", None)
+
+    if o.name == "adam":
+        opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+        params = opt.setdefault("params", {})
+        _fill(params, "lr", float(o.lr_init), "optimizer.params.lr", origin)
+        _fill(params, "betas", [float(b) for b in o.betas], "optimizer.params.betas", origin)
+        _fill(params, "eps", float(o.eps), "optimizer.params.eps", origin)
+        _fill(params, "weight_decay", float(o.weight_decay), "optimizer.params.weight_decay", origin)
+    else:
+        # torch_adamw: the trainer builds the optimizer itself and passes it to deepspeed.initialize.
+        ds.pop("optimizer", None)
+        # DeepSpeed refuses a client optimizer with offload unless told it is fine.
+        if t.offload_optimizer:
+            ds["zero_force_ds_cpu_optimizer"] = False
+    if "scheduler" in ds:
+        raise ConfigError(
+            f"{origin}: has a 'scheduler' section; the trainer sets the LR itself from optim.* "
+            "(remove the section)"
+        )
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"{origin}: no run-config value to fill {leftover} (replace \"auto\" by a value)")
+    return ds
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found += _find_auto(v, f"{prefix}{k}.")
+    elif node == AUTO:
+        found.append(prefix.rstrip("."))
+    return found
