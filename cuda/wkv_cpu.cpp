@@ -11,7 +11,10 @@ namespace {
 
 // Channels per task: wide enough for the compiler to vectorise the lane loops,
 // narrow enough that a task's slice of k, v, y stays in cache across the T steps.
-constexpr int kLanes = 16;
+#ifndef WKV_CPU_LANES
+#define WKV_CPU_LANES 64
+#endif
+constexpr int kLanes = WKV_CPU_LANES;
 
 void check_io(const torch::Tensor &x, const char *name, const torch::Tensor &k) {
     TORCH_CHECK(x.device().is_cpu(), "wkv_cpu: ", name, " must be a CPU tensor");
@@ -37,28 +40,93 @@ at::ScalarType compute_type(const torch::Tensor &k) {
     return k.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Runtime dispatch to the widest vector unit present (AVX-512, AVX2, else baseline x86-64), so one cached
+// build is both fast and safe on any host.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define WKV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define WKV_CPU_CLONES
+#endif
+
+template <typename F, typename IO>
+struct Tensors {
+    int64_t B, T, C, bs;  // bs: batch stride of k and friends (chunks are views along T)
+    const F *w, *u;
+    const IO *k, *v, *gy;
+    IO *y, *gk, *gv;
+    F *state, *gstate, *gw, *gu;
+};
+
+// Task i: batch row i / per_row, then kLanes-wide channel blocks, then the leftover channels one by one.
+template <typename F, typename IO>
+WKV_HD void forward_range(const Tensors<F, IO> &a, int64_t begin, int64_t end) {
+    const int64_t blocks = a.C / kLanes, per_row = blocks + a.C % kLanes;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t b = i / per_row, n = i % per_row;
+        const int64_t c = n < blocks ? n * kLanes : blocks * kLanes + (n - blocks);
+        const int64_t o = b * a.bs + c, s = b * a.C + c;
+        if (n < blocks)
+            wkv_math::forward_lanes<kLanes, F, IO>(a.T, a.C, a.w + c, a.u + c, a.k + o, a.v + o, a.y + o,
+                                                  a.state + s, a.B * a.C);
+        else
+            wkv_math::forward_lanes<1, F, IO>(a.T, a.C, a.w + c, a.u + c, a.k + o, a.v + o, a.y + o, a.state + s,
+                                             a.B * a.C);
+    }
+}
+
+template <typename F, typename IO>
+WKV_HD void backward_range(const Tensors<F, IO> &a, int64_t begin, int64_t end) {
+    const int64_t blocks = a.C / kLanes, per_row = blocks + a.C % kLanes;
+    // Heap scratch for q[], r[]: on the host T is not bounded by a stack array.
+    std::vector<F> q(a.T * kLanes), r(a.T * kLanes);
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t b = i / per_row, n = i % per_row;
+        const int64_t c = n < blocks ? n * kLanes : blocks * kLanes + (n - blocks);
+        const int64_t o = b * a.bs + c, s = b * a.C + c;
+        if (n < blocks)
+            wkv_math::backward_lanes<kLanes, F, IO>(a.T, a.C, a.w + c, a.u + c, a.k + o, a.v + o, a.y + o, a.gy + o,
+                                                   a.state + s, a.gstate + s, a.B * a.C, a.gw + s, a.gu + s,
+                                                   a.gk + o, a.gv + o, q.data(), r.data());
+        else
+            wkv_math::backward_lanes<1, F, IO>(a.T, a.C, a.w + c, a.u + c, a.k + o, a.v + o, a.y + o, a.gy + o,
+                                              a.state + s, a.gstate + s, a.B * a.C, a.gw + s, a.gu + s, a.gk + o,
+                                              a.gv + o, q.data(), r.data());
+    }
+}
+
+#define WKV_CPU_RANGES(NAME, F, IO)                                                                \
+    WKV_CPU_CLONES void forward_##NAME(const Tensors<F, IO> &a, int64_t begin, int64_t end) {      \
+        forward_range<F, IO>(a, begin, end);                                                       \
+    }                                                                                              \
+    WKV_CPU_CLONES void backward_##NAME(const Tensors<F, IO> &a, int64_t begin, int64_t end) {     \
+        backward_range<F, IO>(a, begin, end);                                                      \
+    }                                                                                              \
+    void run(const Tensors<F, IO> &a, bool fwd) {                                                  \
+        const int64_t tasks = a.B * (a.C / kLanes + a.C % kLanes);                                 \
+        at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {                            \
+            fwd ? forward_##NAME(a, begin, end) : backward_##NAME(a, begin, end);                  \
+        });                                                                                        \
+    }
+
+WKV_CPU_RANGES(f32, float, float)
+WKV_CPU_RANGES(f64, double, double)
+WKV_CPU_RANGES(bf16, float, at::BFloat16)
+
+template <typename F, typename IO>
+Tensors<F, IO> pointers(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor &k,
+                        const torch::Tensor &v, const torch::Tensor &y, const torch::Tensor &state) {
+    Tensors<F, IO> a{};
+    a.B = k.size(0), a.T = k.size(1), a.C = k.size(2), a.bs = k.stride(0);
+    a.w = w.data_ptr<F>(), a.u = u.data_ptr<F>();
+    a.k = k.data_ptr<IO>(), a.v = v.data_ptr<IO>(), a.y = y.data_ptr<IO>();
+    a.state = state.data_ptr<F>();
+    return a;
+}
+
 template <typename F, typename IO>
 void forward_impl(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor &k, const torch::Tensor &v,
                   torch::Tensor &y, torch::Tensor &state) {
-    const int64_t B = k.size(0), T = k.size(1), C = k.size(2), bs = k.stride(0);
-    const int64_t blocks = C / kLanes, rest = C - blocks * kLanes, per_row = blocks + rest;
-    const F *pw = w.data_ptr<F>(), *pu = u.data_ptr<F>();
-    const IO *pk = k.data_ptr<IO>(), *pv = v.data_ptr<IO>();
-    IO *py = y.data_ptr<IO>();
-    F *ps = state.data_ptr<F>();
-    at::parallel_for(0, B * per_row, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; i++) {
-            const int64_t b = i / per_row, n = i % per_row;
-            const int64_t c = n < blocks ? n * kLanes : blocks * kLanes + (n - blocks);
-            const int64_t o = b * bs + c;
-            if (n < blocks)
-                wkv_math::forward_lanes<kLanes, F, IO>(T, C, pw + c, pu + c, pk + o, pv + o, py + o, ps + b * C + c,
-                                                      B * C);
-            else
-                wkv_math::forward_lanes<1, F, IO>(T, C, pw + c, pu + c, pk + o, pv + o, py + o, ps + b * C + c,
-                                                 B * C);
-        }
-    });
+    run(pointers<F, IO>(w, u, k, v, y, state), true);
 }
 
 template <typename F, typename IO>
@@ -66,30 +134,10 @@ void backward_impl(const torch::Tensor &w, const torch::Tensor &u, const torch::
                    const torch::Tensor &y, const torch::Tensor &gy, const torch::Tensor &state,
                    torch::Tensor &gstate, torch::Tensor &gw, torch::Tensor &gu, torch::Tensor &gk,
                    torch::Tensor &gv) {
-    const int64_t B = k.size(0), T = k.size(1), C = k.size(2), bs = k.stride(0);
-    const int64_t blocks = C / kLanes, rest = C - blocks * kLanes, per_row = blocks + rest;
-    const F *pw = w.data_ptr<F>(), *pu = u.data_ptr<F>();
-    const IO *pk = k.data_ptr<IO>(), *pv = v.data_ptr<IO>(), *py = y.data_ptr<IO>(), *pgy = gy.data_ptr<IO>();
-    const F *ps = state.data_ptr<F>();
-    F *pgs = gstate.data_ptr<F>(), *pgw = gw.data_ptr<F>(), *pgu = gu.data_ptr<F>();
-    IO *pgk = gk.data_ptr<IO>(), *pgv = gv.data_ptr<IO>();
-    at::parallel_for(0, B * per_row, 1, [&](int64_t begin, int64_t end) {
-        // Heap scratch for q[], r[]: on the host T is not bounded by a stack array.
-        std::vector<F> q(T * kLanes), r(T * kLanes);
-        for (int64_t i = begin; i < end; i++) {
-            const int64_t b = i / per_row, n = i % per_row;
-            const int64_t c = n < blocks ? n * kLanes : blocks * kLanes + (n - blocks);
-            const int64_t o = b * bs + c, s = b * C + c;
-            if (n < blocks)
-                wkv_math::backward_lanes<kLanes, F, IO>(T, C, pw + c, pu + c, pk + o, pv + o, py + o, pgy + o, ps + s,
-                                                       pgs + s, B * C, pgw + s, pgu + s, pgk + o, pgv + o, q.data(),
-                                                       r.data());
-            else
-                wkv_math::backward_lanes<1, F, IO>(T, C, pw + c, pu + c, pk + o, pv + o, py + o, pgy + o, ps + s,
-                                                  pgs + s, B * C, pgw + s, pgu + s, pgk + o, pgv + o, q.data(),
-                                                  r.data());
-        }
-    });
+    auto a = pointers<F, IO>(w, u, k, v, y, state);
+    a.gy = gy.data_ptr<IO>(), a.gk = gk.data_ptr<IO>(), a.gv = gv.data_ptr<IO>();
+    a.gstate = gstate.data_ptr<F>(), a.gw = gw.data_ptr<F>(), a.gu = gu.data_ptr<F>();
+    run(a, false);
 }
 
 // y and state are written in place: y (B, T, C) like k; state (3, B, C) in the compute type.

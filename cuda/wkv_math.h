@@ -19,6 +19,9 @@
 
 #if defined(__CUDACC__)
 #define WKV_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined, so a caller compiled for a wider instruction set (see wkv_cpu.cpp) vectorises them.
+#define WKV_HD inline __attribute__((always_inline))
 #else
 #define WKV_HD inline
 #endif
