@@ -1,0 +1,245 @@
+"""launch.convert: outputs loaded by the `rwkv` package and by transformers give our model's logits.
+
+Weights are randomly perturbed everywhere (a fresh init zeroes five projections, which would hide
+a swapped or dropped tensor); the text is real corpus text through the demo tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import convert
+from train.config import ModelConfig
+from train.model import RWKV
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32_TOL = 1e-4
+# bf16 keeps 8 mantissa bits: each weight moves by up to 2^-9 relative. Through 3 perturbed layers
+# this moved logits of magnitude ~7 by 0.056-0.073 (about 1% of the largest logit; seeds 0-2);
+# the bound is 2% of the largest logit.
+BF16_REL_TOL = 0.02
+
+
+@torch.no_grad()
+def perturb(model: RWKV, seed: int = 0) -> RWKV:
+    """Random values in every tensor, scaled so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if p.dim() == 2:
+            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
+        elif "time_mix" in name:
+            p.copy_(torch.rand(p.shape, generator=g))
+        elif "time_decay" in name:
+            p.copy_(r * 1.5 - 1.0)
+        elif "time_first" in name:
+            p.copy_(r)
+        elif name.endswith("weight"):  # LayerNorm gains
+            p.copy_(1.0 + 0.2 * r)
+        else:
+            p.copy_(0.2 * r)
+    return model
+
+
+def corpus_lines(n_chars: int = 600) -> str:
+    """The start of the first document of the embedded corpus, read independently of data_prep."""
+    import zstandard
+
+    with open(ROOT / "data/demo/train/00.jsonl.zst", "rb") as f:
+        raw = zstandard.ZstdDecompressor().stream_reader(f).read(1 << 20)
+    first = raw.split(b"\n", 1)[0]
+    return json.loads(first)["text"][:n_chars]
+
+
+@pytest.fixture(scope="module")
+def text_ids(demo_tokenizer) -> torch.Tensor:
+    from data_prep.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(str(demo_tokenizer)).encode(corpus_lines())
+    assert len(ids) >= 40
+    return torch.tensor(ids[:96], dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, demo_tokenizer) -> dict:
+    """A perturbed 3-layer model saved as a plain state dict with its config beside it."""
+    from data_prep.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(demo_tokenizer)).vocab_size
+    cfg = ModelConfig(n_layer=3, n_embd=64, vocab_size=vocab, ctx_len=64, wkv_backend="reference")
+    torch.manual_seed(0)
+    model = perturb(RWKV(cfg)).eval()
+    d = tmp_path_factory.mktemp("convert_src")
+    path = d / "model.pt"
+    torch.save(model.state_dict(), path)
+    (d / "model.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": str(demo_tokenizer)}))
+    return {"path": path, "model": model, "cfg": cfg}
+
+
+def our_logits(model: RWKV, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids.unsqueeze(0))[0].float()
+
+
+def rwkv_package_logits(path: Path, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv("RWKV_JIT_ON", "0")
+    monkeypatch.setenv("RWKV_CUDA_ON", "0")
+    from rwkv.model import RWKV as RwkvPackageModel
+
+    pkg = RwkvPackageModel(model=str(path), strategy="cpu fp32", verbose=False)
+    logits, _ = pkg.forward(ids.tolist(), None, full_output=True)
+    return logits.float()
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import RwkvForCausalLM
+
+    hf = RwkvForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(ids.unsqueeze(0)).logits[0].float()
+
+
+def run_convert(*args: str) -> int:
+    return convert.main([str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------------ fp32 outputs
+def test_rwkv_pth_loads_in_the_rwkv_package_with_equal_logits(source, text_ids, tmp_path, monkeypatch):
+    out = tmp_path / "model.pth"
+    assert run_convert("--input", source["path"], "--to", "rwkv", "--output", out) == 0
+    theirs = rwkv_package_logits(out, text_ids, monkeypatch)
+    ours = our_logits(source["model"], text_ids)
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max().item() <= FP32_TOL
+
+
+def test_hf_directory_loads_in_transformers_with_equal_logits_and_generates(source, text_ids, tmp_path):
+    from transformers import RwkvForCausalLM
+
+    from launch.generate import generate_ids
+
+    out = tmp_path / "hf"
+    assert run_convert("--input", source["path"], "--to", "hf", "--output", out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rescale_every"] == 0 and cfg["tie_word_embeddings"] is False
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]) == (
+        3,
+        64,
+        source["cfg"].vocab_size,
+    )
+    assert (theirs := hf_logits(out, text_ids)).shape == (len(text_ids), source["cfg"].vocab_size)
+    assert (theirs - our_logits(source["model"], text_ids)).abs().max().item() <= FP32_TOL
+
+    # transformers' own greedy generate (its RNN state path) picks the tokens our RNN mode picks
+    hf = RwkvForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    prompt = text_ids[:16]
+    with torch.no_grad():
+        hf_new = hf.generate(prompt.unsqueeze(0), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+    ours_new = generate_ids(source["model"], prompt.tolist(), 12, temperature=0.0)
+    assert hf_new.tolist() == ours_new
+
+
+def test_fp32_output_is_the_exact_state_dict_and_records_the_config(source, tmp_path):
+    out = tmp_path / "consolidated.pt"
+    assert run_convert("--input", source["path"], "--to", "fp32", "--output", out) == 0
+    got = torch.load(out, map_location="cpu", weights_only=True)
+    want = source["model"].state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["model"]["n_layer"] == 3 and side["model"]["n_embd"] == 64
+
+
+def test_architecture_is_inferred_from_shapes_without_a_config(source, text_ids, tmp_path, monkeypatch):
+    bare = tmp_path / "bare.pt"
+    shutil.copy(source["path"], bare)  # no bare.json / config.json beside it
+    out = tmp_path / "bare_rwkv.pth"
+    with pytest.warns(UserWarning, match="inferred from tensor shapes"):
+        assert run_convert("--input", bare, "--to", "rwkv", "--output", out) == 0
+    side = json.loads(out.with_suffix(".json").read_text())["model"]
+    assert (side["n_layer"], side["n_embd"], side["dim_ffn"]) == (3, 64, 256)
+    theirs = rwkv_package_logits(out, text_ids, monkeypatch)
+    assert (theirs - our_logits(source["model"], text_ids)).abs().max().item() <= FP32_TOL
+
+
+# ------------------------------------------------------------------------------------ bf16 outputs
+def test_bf16_outputs_stay_within_the_stated_tolerance(source, text_ids, tmp_path, monkeypatch):
+    pth, hf_dir = tmp_path / "bf16.pth", tmp_path / "bf16_hf"
+    assert run_convert("--input", source["path"], "--to", "rwkv", "--output", pth, "--dtype", "bf16") == 0
+    assert run_convert("--input", source["path"], "--to", "hf", "--output", hf_dir, "--dtype", "bf16") == 0
+    sd = torch.load(pth, map_location="cpu", weights_only=True)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    from safetensors import safe_open
+
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+    ours = our_logits(source["model"], text_ids)
+    d_pkg = (rwkv_package_logits(pth, text_ids, monkeypatch) - ours).abs().max().item()
+    d_hf = (hf_logits(hf_dir, text_ids) - ours).abs().max().item()
+    bound = BF16_REL_TOL * ours.abs().max().item()
+    assert d_pkg <= bound and d_hf <= bound
+    assert d_pkg > 0  # the cast really happened
+
+
+def test_verify_flag_reports_the_logit_difference(source, tmp_path, capsys):
+    assert run_convert("--input", source["path"], "--to", "hf", "--output", tmp_path / "v", "--verify") == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verify:")][0]
+    diff = float(line.split("=")[1].split()[0])
+    assert 0 <= diff <= FP32_TOL
+    assert "tokenizer" in line  # the tokenizer recorded beside the weights was used for the text
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_truncated_state_dict_is_refused_naming_the_file(source, tmp_path, capsys):
+    bad = tmp_path / "cut.pt"
+    data = source["path"].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    assert run_convert("--input", bad, "--to", "rwkv", "--output", tmp_path / "o.pth") == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and ("truncated" in err or "corrupt" in err)
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_unknown_layout_and_missing_tag_are_refused(source, tmp_path, capsys):
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    assert run_convert("--input", empty, "--to", "fp32", "--output", tmp_path / "o.pt") == 2
+    assert "unknown layout" in capsys.readouterr().err
+
+    not_rwkv = tmp_path / "other.pt"
+    torch.save({"layer.weight": torch.zeros(2, 2)}, not_rwkv)
+    assert run_convert("--input", not_rwkv, "--to", "fp32", "--output", tmp_path / "o.pt") == 2
+    err = capsys.readouterr().err
+    assert str(not_rwkv) in err and "emb.weight" in err
+
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step5").mkdir(parents=True)
+    torch.save(
+        {"module": torch.load(source["path"], weights_only=True)}, ckpt / "step5/mp_rank_00_model_states.pt"
+    )
+    assert run_convert("--input", ckpt, "--tag", "step9", "--to", "fp32", "--output", tmp_path / "o.pt") == 2
+    err = capsys.readouterr().err
+    assert "step9" in err and "step5" in err  # names the missing tag and what is there
+
+
+def test_stage0_module_file_without_latest_uses_the_newest_tag(source, tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    sd = torch.load(source["path"], weights_only=True)
+    for step, scale in ((5, 0.0), (12, 1.0)):
+        (ckpt / f"step{step}").mkdir(parents=True)
+        module = {k: v * scale for k, v in sd.items()}
+        torch.save(
+            {"module": module, "config": {"model": source["cfg"].to_dict()}},
+            ckpt / f"step{step}/mp_rank_00_model_states.pt",
+        )
+    out = tmp_path / "o.pt"
+    assert run_convert("--input", ckpt, "--to", "fp32", "--output", out) == 0
+    got = torch.load(out, weights_only=True)
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
