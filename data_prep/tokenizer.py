@@ -9,6 +9,7 @@ different vocabularies are never mixed).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -151,11 +152,17 @@ class WorldTokenizer(Tokenizer):
         return self._tok.decodeBytes([int(i) for i in ids if int(i) != 0]).decode("utf-8", errors="replace")
 
 
+@functools.cache
+def _world_tokenizer() -> WorldTokenizer:
+    # Building the vocabulary trie takes seconds; the tokenizer holds no per-call state.
+    return WorldTokenizer()
+
+
 def load_tokenizer(spec: str | os.PathLike, eod_token: str | None = None) -> Tokenizer:
     """`rwkv-world`, a sentencepiece `.model`, or a HF `tokenizer.json` (any other `.json`)."""
     spec_s = str(spec)
     if spec_s == WORLD_SPEC:
-        return WorldTokenizer()
+        return _world_tokenizer()
     path = Path(spec_s)
     if not path.is_file():
         raise FileNotFoundError(f"{spec_s}: tokenizer file not found (expected a tokenizer.json, "

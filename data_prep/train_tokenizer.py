@@ -3,8 +3,9 @@
 The corpus is read with the same streaming readers as the prep step (.jsonl,
 .jsonl.zst, .parquet, .txt); each non-empty line of each good document is one
 training sentence. The model reserves id 0 for the end-of-document token, as
-RWKV and the Pile's GPT-NeoX tokenizer do, and falls back to bytes so that any
-text can be encoded.
+RWKV and the Pile's GPT-NeoX tokenizer do, keeps text unnormalized (newline is
+a piece of its own) and falls back to bytes, so any text encodes and decodes
+back to itself.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, vocab_size: int = 
         model_type=model_type,
         character_coverage=1.0,
         byte_fallback=True,
+        # Keep text exactly as written (newlines, runs of spaces) so decode(encode(t)) == t.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"],
         eos_id=0,
         unk_id=1,
         bos_id=-1,
