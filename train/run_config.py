@@ -188,9 +188,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set tree[path] = value. `model.<field>` is shorthand for `model.overrides.<field>`."""
-    if path[0] == "model" and len(path) == 2 and path[1] not in ("preset", "overrides"):
-        path = ["model", "overrides", path[1]]
+    """Set tree[path] = value. `model.<field>` and `model.overrides.<field>` are the same key."""
+    if path[0] == "model" and len(path) == 3 and path[1] == "overrides":
+        path = ["model", path[2]]
+    if path[0] == "model" and len(path) == 2 and isinstance(tree.get("model"), dict):
+        overrides = tree["model"].get("overrides")
+        if isinstance(overrides, dict):
+            overrides.pop(path[1], None)
     node = tree
     for part in path[:-1]:
         child = node.get(part)

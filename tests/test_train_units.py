@@ -1,0 +1,223 @@
+"""Trainer components without processes: config, DeepSpeed auto fields, data order, LR, param groups."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.data import TokenWindows, magic_prime
+from train.distributed import detect, first_slurm_host
+from train.ds_config import fill_ds_config, load_ds_config
+from train.metrics import truncate_metrics
+from train.optim import LR_SCALE_KEY, apply_lr, param_groups
+from train.run_config import ConfigError, load_run_config
+from train.schedule import lr_at
+from train.trainer import plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny(manifest: str, *overrides: str):
+    return load_run_config(TINY, [f"data.manifests=[{manifest}]", *overrides])
+
+
+# ------------------------------------------------------------------------------------ run config
+def test_overrides_types_and_unknown_keys(tmp_path):
+    sets = ["train.steps=7", "optim.lr_init=1e-3", "model.n_layer=3", "optim.betas=[0.8,0.9]"]
+    cfg = load_run_config(TINY, sets)
+    assert cfg.train.steps == 7 and cfg.optim.lr_init == 1e-3
+    assert cfg.model.overrides["n_layer"] == 3 and cfg.optim.betas == [0.8, 0.9]
+    with pytest.raises(ConfigError, match=r"train.*unknown key.*stepz"):
+        load_run_config(TINY, ["train.stepz=7"])
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_run_config(TINY, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="precision"):
+        load_run_config(TINY, ["train.precision=fp8"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2]\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*section 'train' must be a mapping"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------------------------ ds_config autos
+def test_ds_config_auto_filled_and_contradictions_refused(tmp_path):
+    cfg = load_run_config(TINY, ["train.grad_accum=3", "train.precision=bf16", "optim.name=adam"])
+    ds = fill_ds_config(load_ds_config(REPO / "ds_config.json"), cfg, world_size=2)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in ds["zero_optimization"]
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.99] and ds["optimizer"]["params"]["eps"] == 1e-8
+    # Offload on: the "auto" device becomes cpu.
+    cfg_off = load_run_config(TINY, ["train.offload_optimizer=true", "optim.name=adam"])
+    ds_off = fill_ds_config(load_ds_config(REPO / "ds_config.json"), cfg_off, world_size=2)
+    assert ds_off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    # An explicit value that disagrees with the run config is an error naming the key and the file.
+    explicit = json.loads((REPO / "ds_config.json").read_text())
+    explicit["train_batch_size"] = 7
+    with pytest.raises(ConfigError, match=r"x\.json: train_batch_size is 7 but the run config implies 24"):
+        fill_ds_config(explicit, cfg, world_size=2, origin="x.json")
+    explicit = json.loads((REPO / "ds_config.json").read_text())
+    explicit["zero_optimization"]["stage"] = 3
+    with pytest.raises(ConfigError, match="zero_optimization.stage is 3"):
+        fill_ds_config(explicit, cfg, world_size=2)
+
+
+# ------------------------------------------------------------------------------------ bad configs
+def test_bad_configs_are_refused_before_training(demo_shards, tmp_path):
+    # ctx_len beyond the kernel's T_MAX without chunking
+    with pytest.raises(ConfigError, match="exceeds the WKV kernel's T_MAX"):
+        plan(tiny(demo_shards, "model.ctx_len=32", "train.ctx_len=64"), world_size=2)
+    p = plan(tiny(demo_shards, "model.ctx_len=32", "train.ctx_len=64", "train.wkv_chunking=true"), 2)
+    assert p.model_cfg.ctx_len == 32
+    # a global batch the world cannot split
+    with pytest.raises(ConfigError, match=r"global_batch_size 12 is not divisible by .* world size 2"):
+        plan(tiny(demo_shards, "train.global_batch_size=12"), world_size=2)
+    p = plan(tiny(demo_shards, "train.global_batch_size=16"), world_size=2)
+    assert p.cfg.train.grad_accum == 2 and p.ds["train_batch_size"] == 16
+    # tokenizer vocabulary larger than the model's
+    with pytest.raises(ConfigError, match="tokenizer has 2048 tokens but the model's vocab_size is 1000"):
+        plan(tiny(demo_shards, "model.vocab_size=1000"), world_size=2)
+    # missing data
+    missing = tmp_path / "missing.manifest.json"
+    with pytest.raises(ConfigError, match=f"{missing}: file not found"):
+        plan(tiny(str(missing)), world_size=2)
+    # mismatched data: a manifest that does not describe its shards, and mixed tokenizers
+    src = Path(demo_shards)
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    manifest = json.loads(src.read_text())
+    for shard in manifest["shards"]:
+        for ext in (".bin", ".idx"):
+            shutil.copy(src.parent / (shard["prefix"] + ext), copy_dir / (shard["prefix"] + ext))
+    manifest["shards"][1]["tokens"] += 5
+    bad = copy_dir / "bad.manifest.json"
+    bad.write_text(json.dumps(manifest))
+    msg = r"bad\.manifest\.json: shard .*_00001 has \d+ tokens, the manifest says"
+    with pytest.raises(ConfigError, match=msg):
+        plan(tiny(str(bad)), world_size=2)
+    manifest["shards"][1]["tokens"] -= 5
+    manifest["tokenizer"]["identity"] = "other-tokenizer"
+    other = copy_dir / "other.manifest.json"
+    other.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="must use the same tokenizer"):
+        plan(load_run_config(TINY, [f"data.manifests=[{demo_shards},{other}]"]), world_size=2)
+    # a truncated shard
+    (copy_dir / (manifest["shards"][0]["prefix"] + ".bin")).write_bytes(b"\0" * 10)
+    with pytest.raises(ConfigError, match=r"_00000.bin.*truncated"):
+        plan(tiny(str(other)), world_size=2)
+
+
+# ------------------------------------------------------------------------------------ data order
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def test_magic_prime_matches_definition():
+    for n in (5, 17, 100, 1000, 25146):
+        p = magic_prime(n)
+        assert p <= n and p % 3 == 2 and _is_prime(p)
+        assert not any(q % 3 == 2 and _is_prime(q) for q in range(p + 1, n + 1))
+
+
+def test_windows_are_a_permutation_disjoint_across_ranks(demo_shards):
+    data = TokenWindows([Path(demo_shards)], ctx_len=64, val_documents=8)
+    p = data.prime
+    chunks = [data.chunk_of(g) for g in range(p)]
+    assert sorted(chunks) == list(range(p))  # one epoch reads every chunk once
+    assert sorted(data.chunk_of(g) for g in range(p, 2 * p)) == list(range(p))
+    assert chunks[: 50] != [data.chunk_of(g) for g in range(p, p + 50)]  # next epoch: another order
+
+    # Independent reading of the shards: chunk c of the concatenated training tokens.
+    from data_prep.binidx import MMapIndexedDataset
+    from data_prep.manifest import load_manifest
+
+    shards = [MMapIndexedDataset(s["prefix"]) for s in load_manifest(demo_shards)["shards"]]
+    first_chunks = (shards[0].n_tokens - 1) // 64
+    for c in (0, 5, first_chunks - 1, first_chunks, first_chunks + 3):
+        s, local = (0, c) if c < first_chunks else (1, c - first_chunks)
+        np.testing.assert_array_equal(data.window(c), shards[s].tokens[local * 64 : local * 64 + 65])
+
+    # Ranks read disjoint samples; (world 2, grad_accum 1) and (world 1, grad_accum 2) read the same
+    # global batch, which is what makes a resume at another world size continue the same data.
+    two = [data.batch(3, 0, r, 2, 4, 1) for r in range(2)]
+    one = [data.batch(3, m, 0, 1, 4, 2) for m in range(2)]
+    rows2 = {tuple(x.tolist()) for b in two for x in b}
+    assert len(rows2) == 8
+    assert rows2 == {tuple(x.tolist()) for b in one for x in b}
+
+    # Validation windows come from the held-out documents only (after every training token).
+    last = shards[-1]
+    cut = int(last.pointers[len(last) - 8]) // last.dtype.itemsize
+    val = data.val_batches(0, 2, 4, 2)
+    np.testing.assert_array_equal(val[0][0].numpy(), last.tokens[cut : cut + 65])
+    assert data.shards[-1].train_tokens == cut
+
+
+# ------------------------------------------------------------------------------------ LR and groups
+def test_lr_schedule_shapes():
+    kw = dict(lr_init=1e-3, lr_final=1e-5, warmup_tokens=100, decay_tokens=1000)
+    assert lr_at(50, **kw) == pytest.approx(5e-4)
+    assert lr_at(100, **kw, decay="cosine") == pytest.approx(1e-3)
+    assert lr_at(600, **kw, decay="cosine") == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at(1100, **kw, decay="cosine") == pytest.approx(1e-5)
+    # exponential: geometric mean half way, as RWKV-LM's exp(log(final/init) * progress)
+    assert lr_at(600, **kw, decay="exponential") == pytest.approx(math.sqrt(1e-3 * 1e-5))
+    assert lr_at(5000, **kw, decay="exponential") == pytest.approx(1e-5)
+
+
+def test_param_groups_follow_rwkv_lm():
+    from train.config import ModelConfig
+    from train.model import RWKV
+
+    model = RWKV(ModelConfig.from_preset("tiny", vocab_size=64, n_layer=2, n_embd=32))
+    groups = {g["name"]: g for g in param_groups(model, weight_decay=0.1, layerwise_lr=True)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert by_group["lr_2x"] == {f"blocks.{i}.att.time_decay" for i in range(2)}
+    assert by_group["lr_3x"] == {f"blocks.{i}.att.time_first" for i in range(2)}
+    assert by_group["decay"] == {n for n, p in model.named_parameters() if p.squeeze().dim() >= 2}
+    assert "blocks.0.att.time_mix_k" in by_group["lr_1x"] and "ln_out.weight" in by_group["lr_1x"]
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["lr_1x"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    opt = torch.optim.AdamW(list(groups.values()), lr=1.0)
+    apply_lr(opt, 0.5)
+    assert sorted(g["lr"] for g in opt.param_groups) == [0.5, 0.5, 1.0, 1.5]
+    assert all(g["lr"] == 0.5 * g[LR_SCALE_KEY] for g in opt.param_groups)
+    # layerwise off, no weight decay: one plain group
+    plain = param_groups(model, weight_decay=0.0, layerwise_lr=False)
+    assert len(plain) == 1 and len(plain[0]["params"]) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------------------------ launchers
+def test_launcher_environment_detection():
+    d = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0",
+                "MASTER_PORT": "1234"})
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher) == (
+        3, 8, 1, "n0", 1234, "torchrun")
+    d = detect({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                "SLURM_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "4242"})
+    assert (d.rank, d.world_size, d.local_rank, d.launcher) == (9, 16, 1, "slurm")
+    assert d.master_addr == "gpu007" and d.master_port == 24242
+    d = detect({})
+    assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and d.master_port > 0
+    assert first_slurm_host("a1,b2") == "a1"
+    assert first_slurm_host("node[3,5-7],x") == "node3"
+
+
+def test_metrics_truncated_back_to_resume_step(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "loss": 1.0 / s} for s in range(1, 8)] + [{"step": 4, "val_loss": 2.0}]
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 9, "lo')  # cut by a kill
+    assert truncate_metrics(f, 4) == 4
+    kept = [json.loads(x) for x in f.read_text().splitlines()]
+    assert [x["step"] for x in kept] == [1, 2, 3, 4, 4]
