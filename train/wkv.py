@@ -12,6 +12,7 @@ Sequences longer than the kernel's T_MAX run in chunks, the recurrent state carr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -193,10 +194,12 @@ class _WKVFunction(torch.autograd.Function):
         state = _initial_state(B, C, cdt, k.device)
         starts = list(range(0, T, chunk))
         states = torch.empty((len(starts), 3, B, C), dtype=cdt, device=k.device)
-        for i, t0 in enumerate(starts):
-            states[i].copy_(state)
-            sl = slice(t0, t0 + chunk)
-            ext.forward(w, u, k[:, sl], v[:, sl], y[:, sl], state)
+        with _device_of(k):
+            extra = _stream_args(k)
+            for i, t0 in enumerate(starts):
+                states[i].copy_(state)
+                sl = slice(t0, t0 + chunk)
+                ext.forward(w, u, k[:, sl], v[:, sl], y[:, sl], state, *extra)
         ctx.save_for_backward(w, u, k, v, y, states)
         ctx.ext, ctx.chunk = ext, chunk
         ctx.param_dtypes = (time_decay.dtype, time_first.dtype)
@@ -213,26 +216,31 @@ class _WKVFunction(torch.autograd.Function):
         gw = torch.zeros((B, C), dtype=w.dtype, device=k.device)
         gu = torch.zeros_like(gw)
         gw_c, gu_c = torch.empty_like(gw), torch.empty_like(gw)
-        for i in reversed(range(states.shape[0])):
-            sl = slice(i * chunk, (i + 1) * chunk)
-            ext.backward(
-                w,
-                u,
-                k[:, sl],
-                v[:, sl],
-                y[:, sl],
-                gy[:, sl],
-                states[i],
-                gstate,
-                gw_c,
-                gu_c,
-                gk[:, sl],
-                gv[:, sl],
-            )
-            gw += gw_c
-            gu += gu_c
+        with _device_of(k):
+            extra = _stream_args(k)
+            for i in reversed(range(states.shape[0])):
+                sl = slice(i * chunk, (i + 1) * chunk)
+                ext.backward(
+                    *(w, u, k[:, sl], v[:, sl], y[:, sl], gy[:, sl], states[i]),
+                    *(gstate, gw_c, gu_c, gk[:, sl], gv[:, sl]),
+                    *extra,
+                )
+                gw += gw_c
+                gu += gu_c
         decay_dtype, first_dtype = ctx.param_dtypes
         return gw.sum(0).to(decay_dtype), gu.sum(0).to(first_dtype), gk, gv, None, None
+
+
+def _device_of(k: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes k's CUDA device current (the binding launches on the current device)."""
+    return torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext()
+
+
+def _stream_args(k: torch.Tensor) -> tuple[int, ...]:
+    """The CUDA binding takes the current stream of k's device as an integer handle; the CPU one nothing."""
+    if not k.is_cuda:
+        return ()
+    return (torch.cuda.current_stream(k.device).cuda_stream,)
 
 
 def _initial_state(B: int, C: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
