@@ -42,3 +42,26 @@ def demo_shards(demo_corpus, demo_tokenizer, tmp_path_factory) -> str:
     run_prep(PrepSettings(inputs=demo_corpus, tokenizer=demo_tokenizer, output_prefix=str(out),
                           workers=1, shards=2, progress=False))
     return f"{out}.manifest.json"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_json(demo_corpus, tmp_path_factory) -> str:
+    """A small byte-level BPE `tokenizer.json` (GPT-NeoX style, `<|endoftext|>` = 0) trained on the corpus."""
+    import json
+
+    import zstandard
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = []
+    with zstandard.ZstdDecompressor().stream_reader(open(demo_corpus[1], "rb")) as r:
+        for line in r.read().splitlines()[:60]:
+            texts.append(json.loads(line)["text"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)

@@ -27,22 +27,6 @@ def demo_texts(corpus: list[str], n: int) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer_json(demo_corpus, tmp_path_factory) -> str:
-    """A small byte-level BPE tokenizer.json (GPT-NeoX style, `<|endoftext|>` = 0) trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(demo_texts(demo_corpus, 60), trainer=trainer)
-    path = tmp_path_factory.mktemp("hf_tok") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
-
-
 def test_sentencepiece_matches_library(demo_tokenizer, demo_corpus):
     import sentencepiece as spm
 

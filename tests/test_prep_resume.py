@@ -1,0 +1,77 @@
+"""A prep job killed mid-way (SIGKILL or Ctrl-C) resumes to the same bytes without redoing finished shards."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_prep.binidx import MMapIndexedDataset
+from data_prep.pipeline import PrepSettings, run_prep
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS = 12
+
+
+def _start(demo_corpus, tokenizer, prefix) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "data_prep", "--input", *demo_corpus, "--tokenizer", tokenizer,
+           "--output-prefix", str(prefix), "--shards", str(SHARDS), "--workers", "1", "--no-progress"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_first_shard(proc: subprocess.Popen, state_dir: Path) -> None:
+    deadline = time.time() + 120
+    while not (state_dir / "shard_00001.json").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def _shard_files(prefix: Path, k: int) -> tuple[Path, Path]:
+    p = f"{prefix}_{k:05d}"
+    return Path(p + ".bin"), Path(p + ".idx")
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_tokenizer):
+    run_prep(PrepSettings(inputs=demo_corpus, tokenizer=demo_tokenizer, output_prefix=str(tmp_path / "ref"),
+                          shards=SHARDS, workers=2, progress=False))
+    prefix = tmp_path / "job"
+    proc = _start(demo_corpus, demo_tokenizer, prefix)
+    _wait_for_first_shard(proc, Path(f"{prefix}.prep-state"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not Path(f"{prefix}.manifest.json").exists(), "the job finished before it could be killed"
+
+    finished = [k for k in range(SHARDS) if Path(f"{prefix}.prep-state/shard_{k:05d}.json").exists()]
+    assert 2 <= len(finished) < SHARDS
+    # No half-written shard can pass for a complete one: any pair that opens is the finished shard.
+    for k in range(SHARDS):
+        b, i = _shard_files(prefix, k)
+        if b.exists() and i.exists():
+            MMapIndexedDataset(f"{prefix}_{k:05d}")
+            assert b.read_bytes() == _shard_files(tmp_path / "ref", k)[0].read_bytes()
+        else:
+            assert k not in finished
+    kept_mtimes = {k: _shard_files(prefix, k)[0].stat().st_mtime_ns for k in finished}
+
+    out, err = _start(demo_corpus, demo_tokenizer, prefix).communicate(timeout=300)
+    assert f"{len(finished)} shard(s) kept from an earlier run" in err
+    for k in range(SHARDS):
+        for ours, ref in zip(_shard_files(prefix, k), _shard_files(tmp_path / "ref", k), strict=True):
+            assert ours.read_bytes() == ref.read_bytes()
+    assert {k: _shard_files(prefix, k)[0].stat().st_mtime_ns for k in finished} == kept_mtimes
+    assert not Path(f"{prefix}.prep-state").exists()
+    assert not list(tmp_path.glob("job*.tmp"))
+
+
+def test_ctrl_c_stops_cleanly(tmp_path, demo_corpus, demo_tokenizer):
+    prefix = tmp_path / "job"
+    proc = _start(demo_corpus, demo_tokenizer, prefix)
+    _wait_for_first_shard(proc, Path(f"{prefix}.prep-state"))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to resume" in err
+    assert not list(tmp_path.glob("job*.tmp"))
