@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+# Written by our trainer into a tag once every rank has finished saving it.
+COMPLETION_MARKER = "complete.json"
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Wrappers (DDP, torch.compile, a trainer's container module) prefix parameter names.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -45,6 +47,7 @@ class LoadedWeights:
     run_config: dict[str, Any] | None = None  # the resolved run config of a training run
     source: str = ""  # human-readable description of where the weights came from
     notes: list[str] = field(default_factory=list)
+    base_dir: Path | None = None  # where relative paths in run_config may be anchored
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.tensors.items()}
@@ -161,6 +164,26 @@ def _is_tag_dir(path: Path) -> bool:
     return any((path / f).is_file() for f in MODEL_STATES_FILES)
 
 
+def _incomplete_reason(tag_dir: Path) -> str | None:
+    """Why a tag written with a completion marker is not usable; None when it is complete."""
+    marker = tag_dir / COMPLETION_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETION_MARKER} (the save did not finish on every rank)"
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        return f"unreadable {marker.name}: {e}"
+    for rel, size in files.items():
+        f = tag_dir / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{rel} is missing or not the {size} bytes recorded at save time"
+    return None
+
+
+def _uses_markers(path: Path) -> bool:
+    return any((p / COMPLETION_MARKER).is_file() for p in path.iterdir() if p.is_dir())
+
+
 def resolve_tag_dir(path: Path, tag: str | None = None) -> Path:
     """The tag directory to read: ``--tag``, else the ``latest`` file, else the newest complete tag."""
     if _is_tag_dir(path) and tag is None:
@@ -173,16 +196,22 @@ def resolve_tag_dir(path: Path, tag: str | None = None) -> Path:
         if not _is_tag_dir(tag_dir):
             raise CheckpointError(f"{tag_dir}: tag directory holds no {' or '.join(MODEL_STATES_FILES)}")
         return tag_dir
+    markers = path.is_dir() and _uses_markers(path)
     latest = path / "latest"
     if latest.is_file():
         name = latest.read_text().strip()
         tag_dir = path / name
         if not _is_tag_dir(tag_dir):
             raise CheckpointError(f"{latest}: names tag {name!r}, but {tag_dir} is missing or incomplete")
-        return tag_dir
+        reason = _incomplete_reason(tag_dir) if markers else None
+        if reason is None:
+            return tag_dir
+        warnings.warn(f"{tag_dir}: skipped, {reason}; using the newest complete tag", stacklevel=2)
     tags = sorted(
         (p for p in path.iterdir() if p.is_dir() and _is_tag_dir(p)), key=lambda p: _tag_step(p.name)
     )
+    if markers:
+        tags = [p for p in tags if _incomplete_reason(p) is None]
     if not tags:
         raise CheckpointError(
             f"{path}: unknown layout: not a DeepSpeed checkpoint directory (no 'latest' file, no tag "
@@ -206,6 +235,8 @@ def load_deepspeed_checkpoint(path: Path, tag: str | None = None) -> LoadedWeigh
     if not isinstance(states, Mapping) or "module" not in states:
         raise CheckpointError(f"{model_file}: not a DeepSpeed model states file (no 'module' entry)")
     run_config = states.get("config") if isinstance(states.get("config"), Mapping) else None
+    # the trainer records the resolved ModelConfig separately ("auto" values filled in)
+    model_config = find_model_section(states.get("model_config")) or find_model_section(run_config)
     notes: list[str] = []
     tensors: dict[str, Any] | None = None
     if optim_files:
@@ -224,7 +255,7 @@ def load_deepspeed_checkpoint(path: Path, tag: str | None = None) -> LoadedWeigh
     del states
     tensors = strip_wrapper_prefix(tensors)
     check_rwkv_layout(tensors, str(tag_dir))
-    return LoadedWeights(tensors, find_model_section(run_config), dict(run_config or {}), source, notes)
+    return LoadedWeights(tensors, model_config, dict(run_config or {}), source, notes, base_dir=tag_dir)
 
 
 def _load_zero_fp32(tag_dir: Path, optim_files: list[Path], notes: list[str]) -> dict[str, Any] | None:
@@ -283,7 +314,9 @@ def load_state_dict_file(path: Path, model_config_path: Path | None = None) -> L
                 raise CheckpointError(
                     f"{cand}: no model config (expected a 'model' section or n_layer/n_embd)"
                 )
-    return LoadedWeights(tensors, model_config, dict(run_config or {}), f"state dict {path}")
+    return LoadedWeights(
+        tensors, model_config, dict(run_config or {}), f"state dict {path}", base_dir=path.parent
+    )
 
 
 def load_weights(
@@ -299,38 +332,58 @@ def load_weights(
         if tag is not None:
             raise CheckpointError(f"{path}: --tag applies to a DeepSpeed checkpoint directory, not a file")
         loaded = load_state_dict_file(path, Path(model_config_path) if model_config_path else None)
+    inferred = infer_model_config(loaded.shapes())
     if loaded.model_config is None:
-        loaded.model_config = infer_model_config(loaded.shapes())
         loaded.notes.append("no model config recorded; architecture inferred from tensor shapes")
+    # sizes always from the tensors themselves; other fields (ctx_len, eps, ...) as recorded
+    recorded = {k: v for k, v in (loaded.model_config or {}).items() if v != "auto" and k not in inferred}
+    loaded.model_config = {**recorded, **inferred}
     for note in loaded.notes:
         warnings.warn(note, stacklevel=2)
     return loaded
 
 
-def find_tokenizer_spec(run_config: Mapping[str, Any] | None) -> str | None:
-    """The tokenizer a run used, looked up in its config or in the token manifest it names."""
+def _resolve_spec(spec: str, bases: list[Path]) -> str:
+    """A tokenizer file spec made absolute when it exists relative to one of `bases`; names kept."""
+    if Path(spec).exists():
+        return str(Path(spec).resolve())
+    for base in bases:
+        if (base / spec).exists():
+            return str((base / spec).resolve())
+    return spec  # a built-in name such as rwkv-world, or a path the user must fix
+
+
+def find_tokenizer_spec(run_config: Mapping[str, Any] | None, base_dir: Path | None = None) -> str | None:
+    """The tokenizer a run used: named in its config, or in the token manifest(s) it trained on.
+
+    Relative paths are tried from the working directory, then from `base_dir` and its parents
+    (a run's config names files relative to where training was started).
+    """
     if not isinstance(run_config, Mapping):
         return None
-    stack: list[Mapping[str, Any]] = [run_config]
+    bases = [Path.cwd()] + ([base_dir, *base_dir.resolve().parents] if base_dir else [])
+    stack: list[Any] = [run_config]
     manifests: list[str] = []
     while stack:
         d = stack.pop()
-        for key, value in d.items():
-            if isinstance(value, Mapping):
-                if key == "tokenizer" and isinstance(value.get("spec"), str):
-                    return value["spec"]
+        items = d.items() if isinstance(d, Mapping) else enumerate(d)
+        for key, value in items:
+            if key == "tokenizer" and isinstance(value, str):
+                return _resolve_spec(value, bases)
+            if key == "tokenizer" and isinstance(value, Mapping) and isinstance(value.get("spec"), str):
+                return _resolve_spec(value["spec"], bases)
+            if isinstance(value, Mapping | list | tuple):
                 stack.append(value)
-            elif key == "tokenizer" and isinstance(value, str):
-                return value
             elif isinstance(value, str) and value.endswith(".manifest.json"):
                 manifests.append(value)
     for m in manifests:
-        p = Path(m)
-        if p.is_file():
-            try:
-                spec = json.loads(p.read_text()).get("tokenizer", {}).get("spec")
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(spec, str):
-                return spec
+        found = next((b / m for b in bases if (b / m).is_file()), None)
+        if found is None:
+            continue
+        try:
+            spec = json.loads(found.read_text()).get("tokenizer", {}).get("spec")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(spec, str):
+            return _resolve_spec(spec, [found.parent, *bases])
     return None

@@ -45,7 +45,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _sidecar(loaded: LoadedWeights) -> dict[str, Any]:
     """What generate/verify need later: the model config and the tokenizer of the run."""
     side: dict[str, Any] = {"model": model_config_from(loaded.model_config or {}).to_dict()}
-    tok = find_tokenizer_spec(loaded.run_config)
+    tok = find_tokenizer_spec(loaded.run_config, loaded.base_dir)
     if tok:
         side["tokenizer"] = {"spec": tok}
     side["source"] = loaded.source
@@ -54,7 +54,7 @@ def _sidecar(loaded: LoadedWeights) -> dict[str, Any]:
 
 def _eod_id(loaded: LoadedWeights) -> int:
     """End-of-document id for HF's bos/eos: the tokenizer's when it can be loaded, else 0."""
-    spec = find_tokenizer_spec(loaded.run_config)
+    spec = find_tokenizer_spec(loaded.run_config, loaded.base_dir)
     if spec:
         try:
             from data_prep.tokenizer import load_tokenizer
@@ -179,7 +179,7 @@ def verify(
 
     loaded = load_weights(input, tag=tag, model_config_path=model_config_path)
     cfg = model_config_from(loaded.model_config or {}, {"wkv_backend": "reference"})
-    spec = tokenizer or find_tokenizer_spec(loaded.run_config)
+    spec = tokenizer or find_tokenizer_spec(loaded.run_config, loaded.base_dir)
     tokens = verify_tokens(text, spec, cfg.vocab_size)
     model = model_from_tensors(loaded.tensors, cfg, loaded.source)
     with torch.no_grad():

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"rwkv-generate: error: {e}", file=sys.stderr)
         return 2
-    spec = args.tokenizer or find_tokenizer_spec(loaded.run_config)
+    spec = args.tokenizer or find_tokenizer_spec(loaded.run_config, loaded.base_dir)
     if not spec:
         print(
             f"rwkv-generate: error: no tokenizer recorded with {args.weights}; pass --tokenizer",
@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     new = generate_ids(
         model, prompt_ids, args.max_tokens, args.temperature, args.top_p, args.seed, stop_id=tok.eod_id
     )
-    print(args.prompt + tok.decode([t for t in new if t != tok.eod_id]))
+    # decode prompt and continuation together: tokenizers drop a piece's leading space when it comes first
+    head = tok.decode(prompt_ids)
+    text = tok.decode(prompt_ids + [t for t in new if t != tok.eod_id])
+    print(args.prompt + text[len(head) :] if text.startswith(head) else text)
     return 0
 
 

@@ -27,6 +27,7 @@ class LoadedModel:
     model: RWKV
     run_config: dict[str, Any]
     source: str
+    base_dir: Path | None = None
 
 
 def model_config_from(loaded: dict[str, Any], overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -79,7 +80,7 @@ def load_hf_dir(path: Path) -> LoadedWeights:
         ctx_len=hf_cfg.get("context_length", model_cfg.get("ctx_len", 1024)),
         layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
     )
-    return LoadedWeights(tensors, model_cfg, run_config, f"Hugging Face directory {path}")
+    return LoadedWeights(tensors, model_cfg, run_config, f"Hugging Face directory {path}", base_dir=path)
 
 
 def load_any_weights(
@@ -102,4 +103,4 @@ def load_model(
     overrides = {"wkv_backend": wkv_backend} if wkv_backend else {}
     cfg = model_config_from(loaded.model_config or {}, overrides)
     model = model_from_tensors(loaded.tensors, cfg, loaded.source)
-    return LoadedModel(model, loaded.run_config or {}, loaded.source)
+    return LoadedModel(model, loaded.run_config or {}, loaded.source, loaded.base_dir)
