@@ -11,6 +11,8 @@ import torch
 
 from train.wkv import load_cpu_extension, wkv, wkv_reference
 
+NAMES = ("time_decay", "time_first", "k", "v")
+
 
 @pytest.fixture(scope="session")
 def cpu_ext():
@@ -97,9 +99,8 @@ def test_fp32_matches_reference_long_sequence(cpu_ext):
     assert y.dtype == torch.float32
     assert torch.isfinite(y).all()
     assert (y.double() - y_ref).abs().max().item() < 1e-4
-    for name, g, g_ref in zip(
-        ("time_decay", "time_first", "k", "v"), grads(y, inputs, gy), grads(y_ref, ref_inputs, gy.double())
-    ):
+    got, want = grads(y, inputs, gy), grads(y_ref, ref_inputs, gy.double())
+    for name, g, g_ref in zip(NAMES, got, want, strict=True):
         assert torch.isfinite(g).all(), name
         assert rel_err(g, g_ref) < 1e-4, name
 
@@ -115,7 +116,7 @@ def test_bf16_matches_reference(cpu_ext):
     assert rel_err(y, y_ref) < 1e-2
     got = grads(y, inputs, gy)
     assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
-    for name, g, g_ref in zip(("time_decay", "time_first", "k", "v"), got, grads(y_ref, ref_inputs, gy.double())):
+    for name, g, g_ref in zip(NAMES, got, grads(y_ref, ref_inputs, gy.double()), strict=True):
         assert rel_err(g, g_ref) < 2e-2, name
 
 
@@ -128,7 +129,7 @@ def test_chunked_equals_unchunked(cpu_ext):
     for t_max in (64, 100, 299):
         y = wkv(*inputs, backend="cpu", t_max=t_max)
         assert torch.equal(y, y_full), t_max
-        for name, g, g0 in zip(("time_decay", "time_first", "k", "v"), grads(y, inputs, gy), g_full):
+        for name, g, g0 in zip(NAMES, grads(y, inputs, gy), g_full, strict=True):
             assert rel_err(g, g0) < 1e-5, (t_max, name)
 
 
