@@ -1,0 +1,266 @@
+"""Two nodes on one machine, started through the launch scripts, training for real.
+
+Each "node" is one launcher invocation with one process (`--nnodes 2 --nproc-per-node 1`), ZeRO-2
+over gloo on the CPU. Where the test runs as root with iproute2, the two nodes live in two network
+namespaces joined by a veth pair (10.77.0.1/24 and 10.77.0.2/24, addresses that exist only inside
+the namespaces this test creates and always deletes), so rendezvous and collectives cross a real
+interface; elsewhere both nodes share the loopback interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+VENV_BIN = str(Path(sys.executable).parent)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (REPO / "train" / "__main__.py").is_file(), reason="the trainer (python -m train) is not there"
+    ),
+]
+
+
+@dataclass
+class Node:
+    rank: int
+    addr: str
+    ifname: str
+    prefix: list[str]  # runs a command inside this node's network namespace (empty: the host's)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "not root: network namespaces need CAP_NET_ADMIN"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def netns_pair() -> Iterator[tuple[Node, Node]]:
+    """Two namespaces joined by a veth pair; removed afterwards whatever happens."""
+    tag = f"{os.getpid() % 100000}"
+    ns = [f"rwkvt{tag}n0", f"rwkvt{tag}n1"]
+    veth = [f"rwkv{tag}a", f"rwkv{tag}b"]  # interface names: 15 characters at most
+    addrs = ["10.77.0.1", "10.77.0.2"]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+    try:
+        for n in ns:
+            ip("netns", "add", n)
+        ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for n, v, a in zip(ns, veth, addrs, strict=True):
+            ip("link", "set", v, "netns", n)
+            ip("-n", n, "addr", "add", f"{a}/24", "dev", v)
+            ip("-n", n, "link", "set", v, "up")
+            ip("-n", n, "link", "set", "lo", "up")
+        yield tuple(Node(i, addrs[i], veth[i], ["ip", "netns", "exec", ns[i]]) for i in range(2))
+    finally:
+        for n in ns:  # deleting a namespace deletes the veth end inside it, and so the pair
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", veth[0]], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def two_nodes() -> Iterator[tuple[Node, Node]]:
+    reason = _netns_unavailable()
+    if reason is None:
+        try:
+            with netns_pair() as nodes:
+                yield nodes
+                return
+        except subprocess.CalledProcessError as e:
+            reason = f"creating network namespaces failed: {e.stderr.strip()}"
+    print(f"two nodes on the loopback interface ({reason})")
+    yield Node(0, "127.0.0.1", "lo", []), Node(1, "127.0.0.1", "lo", [])
+
+
+def write_config(tmp: Path, manifest: str, run_dir: Path, steps: int) -> Path:
+    cfg = {
+        "run_dir": str(run_dir),
+        "seed": 7,
+        "model": {"preset": "tiny", "vocab_size": "auto"},
+        "data": {"manifests": [manifest], "val_documents": 4},
+        "train": {"ctx_len": 64, "micro_batch_size": 2, "steps": steps, "precision": "bf16", "zero_stage": 2},
+        # torch AdamW: no fused_adam build; constant lr so a run's steps do not change the schedule
+        "optim": {"name": "torch_adamw", "lr_init": 1e-3, "lr_final": 1e-3, "decay": "constant"},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 4, "keep": 5},
+        "log": {"tensorboard": False, "progress": False},
+    }
+    path = tmp / f"run_{steps}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch_torchrun(
+    node: Node, endpoint: str, config: Path, log: Path, overrides: list[str]
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": node.ifname,
+        "PYTHON": sys.executable,
+        # the trainer's collective timeout, where it reads one: a lost peer must not hang for 30 min
+        "TORCH_DIST_TIMEOUT_S": "60",
+    }
+    cmd = [
+        *node.prefix,
+        "bash",
+        str(LAUNCH / "torchrun.sh"),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--node-rank",
+        str(node.rank),
+        "--rdzv-endpoint",
+        endpoint,
+        "--local-addr",
+        node.addr,
+        "--rdzv-id",
+        "test",
+        "--",
+        "--config",
+        str(config),
+    ]
+    for o in overrides:
+        cmd += ["--set", o]
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path]) -> list[int]:
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                kill_node(q)
+            tails = "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-4000:]}" for log in logs)
+            pytest.fail(f"launch did not finish within {timeout:.0f} s\n{tails}")
+    return [p.returncode for p in procs]
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts its workers in sessions of their own, so a
+    process-group kill would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a node at once, as a crashed machine would."""
+    for pid in process_tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def complete_steps(ckpt_dir: Path) -> list[int]:
+    return sorted(
+        int(p.parent.name[4:]) for p in ckpt_dir.glob("step*/complete.json") if p.parent.name[4:].isdigit()
+    )
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+    return [r["step"] for r in rows if "step" in r and "loss" in r]
+
+
+def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards) -> None:
+    """ZeRO-2 over two torchrun "nodes": run to completion; a second run killed on node 1 makes node 0
+    exit non-zero within a bounded time; launching again resumes from the last complete checkpoint."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+
+    def launch(nodes: tuple[Node, Node], phase: str, steps: int) -> tuple[list[subprocess.Popen], list[Path]]:
+        config = write_config(tmp_path, str(demo_shards), run_dir, steps)
+        logs = [tmp_path / f"{phase}_node{n.rank}.log" for n in nodes]
+        return [launch_torchrun(n, endpoint, config, logs[n.rank], []) for n in nodes], logs
+
+    def tails(logs: list[Path]) -> str:
+        return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
+
+    with two_nodes() as nodes:
+        port = 29400 if nodes[0].prefix else _free_port()
+        endpoint = f"{nodes[0].addr}:{port}"
+
+        # 1. a short run to completion
+        procs, logs = launch(nodes, "first", steps=8)
+        assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
+        assert complete_steps(ckpts)[-1] == 8 and metric_steps(run_dir)[-1] == 8
+
+        # 2. continue towards a far step; kill every process of node 1 after a new checkpoint
+        procs, logs = launch(nodes, "killed", steps=400)
+        deadline = time.time() + 240
+        while complete_steps(ckpts)[-1] < 12:
+            assert time.time() < deadline, "no new checkpoint after resuming\n" + tails(logs)
+            assert all(p.poll() is None for p in procs), "a node exited before the kill\n" + tails(logs)
+            time.sleep(0.2)
+        kill_node(procs[1])
+        t_kill = time.time()
+        try:
+            rc0 = procs[0].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            kill_node(procs[0])
+            pytest.fail("node 0 kept running for 120 s after node 1 was killed\n" + tails(logs))
+        procs[1].wait()
+        print(f"node 0 exited with status {rc0}, {time.time() - t_kill:.1f} s after node 1 was killed")
+        assert rc0 != 0, "node 0 exited 0 although its peer died mid-run"
+        assert f"resumed from {ckpts / 'step8'} at step 8" in logs[0].read_text(errors="replace")
+        resume_from = complete_steps(ckpts)[-1]
+        assert 12 <= resume_from < 400
+
+        # 3. launching again resumes from the newest complete checkpoint and finishes
+        procs, logs = launch(nodes, "resumed", steps=resume_from + 4)
+        assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
+    log0 = logs[0].read_text(errors="replace")
+    assert f"resumed from {ckpts / f'step{resume_from}'} at step {resume_from}" in log0, tails(logs)
+    steps = metric_steps(run_dir)
+    assert steps[-1] == resume_from + 4
+    assert steps == sorted(set(steps))  # metrics are cut back to the resume point: no step twice
+    assert complete_steps(ckpts)[-1] == resume_from + 4
