@@ -16,8 +16,10 @@ tensor rather than copied into memory up front.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -264,9 +266,13 @@ def _load_zero_fp32(tag_dir: Path, optim_files: list[Path], notes: list[str]) ->
 
     try:
         # lazy_mode keeps partitions memory-mapped; tensors are gathered one at a time on `.contiguous()`
-        return dict(
-            get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
-        )
+        # zero_to_fp32 reports progress on stdout; keep stdout for the caller's output (generated text)
+        with contextlib.redirect_stdout(sys.stderr):
+            return dict(
+                get_fp32_state_dict_from_zero_checkpoint(
+                    str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True
+                )
+            )
     except ValueError as e:
         if "is not a zero checkpoint" in str(e):
             # bf16 without ZeRO keeps its fp32 copy in a layout zero_to_fp32 does not read

@@ -1,0 +1,211 @@
+"""launch.generate: seeded RNN-mode sampling, nucleus sampling, perplexity scoring, and the command
+line on every weight format the pipeline produces (including a checkpoint of a real training run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import convert, generate
+from launch.generate import generate_ids, sample_logits
+from train.config import ModelConfig
+from train.model import RWKV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def perturb(model: RWKV, seed: int = 0) -> RWKV:
+    """Random values in every tensor (the fresh init zeroes several projections)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if p.dim() == 2:
+            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
+        elif "time_mix" in name:
+            p.copy_(torch.rand(p.shape, generator=g))
+        elif "time_decay" in name:
+            p.copy_(r * 1.5 - 1.0)
+        elif name.endswith(".weight"):  # LayerNorm gains
+            p.copy_(1.0 + 0.2 * r)
+        else:
+            p.copy_(0.2 * r)
+    return model
+
+
+def corpus_text(n_chars: int) -> str:
+    import zstandard
+
+    with open(ROOT / "data/demo/train/01.jsonl.zst", "rb") as f:
+        raw = zstandard.ZstdDecompressor().stream_reader(f).read(1 << 20)
+    return json.loads(raw.split(b"\n", 1)[0])["text"][:n_chars]
+
+
+@pytest.fixture(scope="module")
+def tok(demo_tokenizer):
+    from data_prep.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(demo_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, demo_tokenizer, tok) -> dict:
+    """A perturbed 2-layer model as a state dict (tokenizer recorded beside it), .pth and HF dir."""
+    cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=tok.vocab_size, ctx_len=32, wkv_backend="reference")
+    torch.manual_seed(0)
+    model = perturb(RWKV(cfg), seed=3).eval()
+    d = tmp_path_factory.mktemp("generate_weights")
+    sd = d / "model.pt"
+    torch.save(model.state_dict(), sd)
+    (d / "model.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": str(demo_tokenizer)}))
+    assert convert.main(["--input", str(sd), "--to", "rwkv", "--output", str(d / "rwkv.pth")]) == 0
+    assert convert.main(["--input", str(sd), "--to", "hf", "--output", str(d / "hf")]) == 0
+    return {"model": model, "state_dict": sd, "pth": d / "rwkv.pth", "hf": d / "hf", "dir": d}
+
+
+# ------------------------------------------------------------------------------------ sampling
+def nucleus_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Reference top-p: keep the most probable tokens until their mass reaches top_p, renormalise."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    out = torch.zeros_like(p)
+    mass = 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i].item()):
+        out[i] = p[i]
+        mass += p[i].item()
+        if mass >= top_p:
+            break
+    return out / out.sum()
+
+
+def test_sampler_draws_from_the_nucleus_distribution():
+    logits = torch.tensor([2.0, 1.5, 0.3, -0.5, 1.0, -2.0])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(6)
+    for _ in range(n):
+        counts[sample_logits(logits, 0.7, 0.8, g)] += 1
+    want = nucleus_distribution(logits, 0.7, 0.8)
+    assert (counts / n - want).abs().max().item() < 0.015
+    assert counts[want == 0].sum() == 0  # nothing outside the nucleus
+    assert sample_logits(logits, 0.0, 0.9, g) == 0 and sample_logits(logits, 1.0, 1e-6, g) == 0
+
+
+def test_generation_is_seeded_and_equals_sampling_from_parallel_logits(weights, tok):
+    model = weights["model"]
+    prompt = tok.encode(corpus_text(200))[:12]
+    a = generate_ids(model, prompt, 40, temperature=1.0, top_p=0.9, seed=7)
+    b = generate_ids(model, prompt, 40, temperature=1.0, top_p=0.9, seed=7)
+    c = generate_ids(model, prompt, 40, temperature=1.0, top_p=0.9, seed=8)
+    assert a == b and a != c and len(a) == 40
+    # replay the same random draws against the parallel-mode logits of prompt + sampled tokens
+    full = torch.tensor(prompt + a)
+    with torch.no_grad():
+        par = model(full[:-1].unsqueeze(0))[0]
+    g = torch.Generator().manual_seed(7)
+    replay = [sample_logits(par[len(prompt) - 1 + i], 1.0, 0.9, g) for i in range(len(a))]
+    assert replay == a
+
+
+# ------------------------------------------------------------------------------------ scoring
+def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_path, capsys):
+    from transformers import RwkvForCausalLM
+
+    text_file = tmp_path / "heldout.txt"
+    text_file.write_text(corpus_text(900), encoding="utf-8")
+    report = tmp_path / "score.json"
+    window = 48
+    args = ["--weights", str(weights["pth"]), "--score", str(text_file), "--window", str(window)]
+    assert generate.main([*args, "--score-json", str(report)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = json.loads(report.read_text())
+
+    # independent: transformers on the HF conversion, log-softmax by hand, the same windows
+    ids = torch.tensor(tok.encode(text_file.read_text(encoding="utf-8")))
+    hf = RwkvForCausalLM.from_pretrained(str(weights["hf"]), dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, window):
+            chunk = ids[s : s + window + 1]
+            logp = torch.log_softmax(hf(chunk[:-1].unsqueeze(0)).logits[0].double(), -1)
+            losses.append(-logp.gather(1, chunk[1:, None])[:, 0])
+    losses = torch.cat(losses)
+    assert got["tokens"] == printed["tokens"] == len(ids) - 1 == len(got["token_losses"])
+    assert torch.allclose(torch.tensor(got["token_losses"], dtype=torch.float64), losses, atol=1e-4)
+    assert got["perplexity"] == pytest.approx(math.exp(losses.mean().item()), rel=1e-5)
+    assert printed["perplexity"] == pytest.approx(got["perplexity"])
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_cli_gives_the_same_text_from_state_dict_pth_and_hf(weights, capsys):
+    outs = []
+    for source in ("state_dict", "pth", "hf"):
+        argv = ["--weights", str(weights[source]), "--prompt", "KING.", "--max-tokens", "24", "--seed", "3"]
+        assert generate.main(argv) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0].startswith("KING.") and len(outs[0]) > len("KING.") + 10
+
+
+def test_cli_without_a_tokenizer_says_so(weights, tmp_path, capsys):
+    bare = tmp_path / "bare.pt"
+    bare.write_bytes(weights["state_dict"].read_bytes())  # no model.json beside it: no tokenizer known
+    with pytest.warns(UserWarning):
+        assert generate.main(["--weights", str(bare), "--prompt", "x"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ a real run
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, demo_shards) -> Path:
+    """`python -m train` with configs/tiny.yaml on 2 processes (ZeRO-2), 10 steps, checkpoints every 5."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "train", "--config", str(ROOT / "configs/tiny.yaml"),
+        "--set", f"run_dir={run_dir}", "--set", f"data.manifests=[{demo_shards}]",
+        "--set", "train.steps=10", "--set", "checkpoint.every=5", "--set", "log.progress=false",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_converts_verifies_and_generates(trained_run, tmp_path, capsys, tok):
+    ckpt = trained_run / "checkpoints"
+    for to, out in (("rwkv", tmp_path / "m.pth"), ("hf", tmp_path / "hf")):
+        assert convert.main(["--input", str(ckpt), "--to", to, "--output", str(out), "--verify"]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verify:")][0]
+        assert float(line.split("=")[1].split()[0]) <= 1e-4
+        assert "(tokenizer;" in line  # found through the run's config and token manifest
+    side = json.loads((tmp_path / "m.json").read_text())
+    assert side["model"]["n_layer"] == 4 and side["model"]["ctx_len"] == 64  # resolved config, not "auto"
+
+    # the checkpoint, the .pth and the HF directory generate the same text with the run's tokenizer
+    outs = []
+    for weights in (ckpt, tmp_path / "m.pth", tmp_path / "hf"):
+        assert generate.main(["--weights", str(weights), "--prompt", "ROMEO.", "--max-tokens", "20"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2] and outs[0].startswith("ROMEO.")
+
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text(1500), encoding="utf-8")
+    assert generate.main(["--weights", str(tmp_path / "m.pth"), "--score", str(text)]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl < tok.vocab_size / 4  # 10 steps already beat the uniform guess by far
