@@ -82,9 +82,10 @@ def check_tag(path: Path) -> tuple[dict[str, Any] | None, str]:
             return None, f"{rel} is missing"
         if f.stat().st_size != size:
             return None, f"{rel} is {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
-    model_files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    # ZeRO 1/2 save mp_rank_00_model_states.pt; ZeRO 3 one zero_pp_rank_R_mp_rank_00_model_states.pt per rank.
+    model_files = sorted(path.glob("*mp_rank_*_model_states.pt"))
     if not model_files:
-        return None, "no mp_rank_*_model_states.pt"
+        return None, "no model-state file (*mp_rank_*_model_states.pt)"
     try:
         torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable

@@ -151,6 +151,11 @@ class Trainer:
         dist.broadcast_object_list(found, src=0)
         cand = found[0]
         if cand is None:
+            if self.rank == 0 and self.ckpt_dir.is_dir():
+                # Starting over: leftovers of an attempt that never completed a checkpoint go.
+                checkpointing.discard_newer(self.ckpt_dir, 0, log=self.log)
+                truncate_metrics(self.run_dir / "metrics.jsonl", 0)
+            dist.barrier()
             return None, False
         universal = int(cand.meta["world_size"]) != self.world
         if universal and self.cfg.checkpoint.universal == "never":
