@@ -46,7 +46,7 @@ def test_activation_estimate_against_saved_tensors():
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, params=params, seen=seen) -> torch.Tensor:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in params and t.is_floating_point():
                 seen[ptr] = t.untyped_storage().nbytes()
@@ -68,7 +68,8 @@ def test_cli_prints_breakdown_and_agreement():
         cwd=REPO, env=env, capture_output=True, text=True, check=True,
     ).stdout
     assert "14.149 B parameters" in out and "64; ZeRO 2" in out
-    for label in ("parameters", "gradients", "optimizer", "activations, no checkpointing", "activations, grad_cp"):
+    labels = ("parameters", "gradients", "optimizer", "activations, no checkpointing", "activations, grad_cp")
+    for label in labels:
         assert label in out
     assert "DeepSpeed's estimator" in out and "(agrees" in out
     assert "tokens/s per GPU" in out

@@ -147,7 +147,9 @@ def report(args: argparse.Namespace) -> str:
     else:
         diff = abs(ds - e.model_states)
         verdict = "agrees" if diff <= 16 else "DISAGREES"
-        lines.append(f"DeepSpeed's estimator: model states {_gib(ds)} per GPU ({verdict}, difference {diff} B)")
+        lines.append(
+            f"DeepSpeed's estimator: model states {_gib(ds)} per GPU ({verdict}, difference {diff} B)"
+        )
     lines += [
         f"training FLOPs per token {e.flops_per_token / 1e9:.2f} GFLOP; at {args.mfu:.0%} MFU of "
         f"{args.peak_tflops:g} TFLOP/s: {tps:,.0f} tokens/s per GPU, {tps * gpus:,.0f} tokens/s in all",
