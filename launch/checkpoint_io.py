@@ -50,6 +50,7 @@ class LoadedWeights:
     source: str = ""  # human-readable description of where the weights came from
     notes: list[str] = field(default_factory=list)
     base_dir: Path | None = None  # where relative paths in run_config may be anchored
+    memory_mapped: bool = False  # tensors are read-only views of a privately mapped torch.save file
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.tensors.items()}
@@ -58,10 +59,36 @@ class LoadedWeights:
         """Materialise one tensor and drop the source's reference to it (keeps peak memory low)."""
         return self.tensors.pop(name).contiguous()
 
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages of a memory-mapped source tensor once it has been copied.
+
+        A cast output is new memory; without this the input's pages stay resident too and
+        peak RSS reaches input + output. Only done for private file mappings, whose pages
+        are re-read from the file if ever touched again.
+        """
+        if self.memory_mapped:
+            release_mapped_pages(t)
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) in key order, releasing each source entry as it goes."""
         for name in list(self.tensors):
             yield name, self.pop_tensor(name)
+
+
+def release_mapped_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) over the whole pages a tensor's bytes cover (Linux; else nothing)."""
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
 
 
 def check_torch_file(path: Path) -> None:
@@ -257,7 +284,10 @@ def load_deepspeed_checkpoint(path: Path, tag: str | None = None) -> LoadedWeigh
     del states
     tensors = strip_wrapper_prefix(tensors)
     check_rwkv_layout(tensors, str(tag_dir))
-    return LoadedWeights(tensors, model_config, dict(run_config or {}), source, notes, base_dir=tag_dir)
+    mapped = source.endswith("(module weights)")
+    return LoadedWeights(
+        tensors, model_config, dict(run_config or {}), source, notes, base_dir=tag_dir, memory_mapped=mapped
+    )
 
 
 def _load_zero_fp32(tag_dir: Path, optim_files: list[Path], notes: list[str]) -> dict[str, Any] | None:
@@ -321,7 +351,12 @@ def load_state_dict_file(path: Path, model_config_path: Path | None = None) -> L
                     f"{cand}: no model config (expected a 'model' section or n_layer/n_embd)"
                 )
     return LoadedWeights(
-        tensors, model_config, dict(run_config or {}), f"state dict {path}", base_dir=path.parent
+        tensors,
+        model_config,
+        dict(run_config or {}),
+        f"state dict {path}",
+        base_dir=path.parent,
+        memory_mapped=True,
     )
 
 

@@ -42,6 +42,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
+def _take(loaded: LoadedWeights, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor moved out of the source and cast; the source copy's memory is let go."""
+    src = loaded.pop_tensor(name)
+    out = _cast(src, dtype)
+    if out is not src:
+        loaded.release(src)
+    return out
+
+
 def _sidecar(loaded: LoadedWeights) -> dict[str, Any]:
     """What generate/verify need later: the model config and the tokenizer of the run."""
     side: dict[str, Any] = {"model": model_config_from(loaded.model_config or {}).to_dict()}
@@ -70,7 +79,7 @@ def write_torch_state_dict(loaded: LoadedWeights, output: Path, dtype: torch.dty
     names = list(loaded.tensors)
     out: dict[str, torch.Tensor] = {}
     for name in tqdm(names, desc="collect", unit="tensor", leave=False):
-        out[name] = _cast(loaded.pop_tensor(name), dtype)
+        out[name] = _take(loaded, name, dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     torch.save(out, tmp)
@@ -85,7 +94,7 @@ def write_hf(loaded: LoadedWeights, output: Path, dtype: torch.dtype) -> None:
     output.mkdir(parents=True, exist_ok=True)
     out: dict[str, torch.Tensor] = {}
     for name in tqdm(list(loaded.tensors), desc="rename", unit="tensor", leave=False):
-        out[to_hf_key(name)] = _cast(loaded.pop_tensor(name), dtype)
+        out[to_hf_key(name)] = _take(loaded, name, dtype)
     tmp = output / "model.safetensors.tmp"
     save_file(out, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, output / "model.safetensors")
