@@ -12,6 +12,7 @@ complete is skipped; `--clean` starts over.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -28,19 +29,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
 PROMPT = "ROMEO.\n"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
 @dataclass
 class Settings:
     out: Path
-    steps: int  # optimizer steps of the whole run
-    checkpoint_every: int  # the interruption comes right after the first of these
-    eval_every: int
     vocab_size: int
+    tokenizer_sentences: int  # lines sampled to train the tokenizer
     nproc: int
     sample_tokens: int
     heldout_tokens: int  # held-out text scored for perplexity (a prefix of the validation documents)
-    extra_train_args: list[str] = field(default_factory=list)
+    # trainer --set overrides on top of configs/demo.yaml (the output paths are always added)
+    train_sets: list[str] = field(default_factory=list)
+    steps: int = 0  # optimizer steps of the whole run, as resolved from the config
 
     @property
     def tokenizer(self) -> Path:
@@ -83,35 +85,50 @@ class Settings:
         return self.out / "demo_state.json"
 
 
+QUICK_TRAIN_SETS = [  # the test's reduced form: every step of the demo, a few minutes less
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "train.ctx_len=64",
+    "train.micro_batch_size=4",
+    "train.steps=12",
+    "checkpoint.every=4",
+    "eval.every=4",
+    "eval.batches=1",
+    "log.progress=false",
+]
+
+
 def demo_settings(args: argparse.Namespace) -> Settings:
-    if args.quick:  # the test's reduced form: same steps, minutes less
+    if args.quick:
         s = Settings(
             args.out,
-            steps=24,
-            checkpoint_every=8,
-            eval_every=8,
             vocab_size=512,
+            tokenizer_sentences=20000,
             nproc=2,
             sample_tokens=40,
             heldout_tokens=1500,
+            train_sets=list(QUICK_TRAIN_SETS),
         )
     else:
         s = Settings(
             args.out,
-            steps=1500,
-            checkpoint_every=250,
-            eval_every=250,
             vocab_size=2048,
+            tokenizer_sentences=100_000,
             nproc=2,
             sample_tokens=300,
             heldout_tokens=20000,
         )
     if args.steps:
-        s.steps = args.steps
-        s.checkpoint_every = min(s.checkpoint_every, max(1, args.steps // 3))
-        s.eval_every = s.checkpoint_every
-    s.extra_train_args = list(args.set or [])
+        s.train_sets.append(f"train.steps={args.steps}")
+    s.train_sets += list(args.set or [])
+    s.steps = run_config(s).train.steps
     return s
+
+
+def run_config(s: Settings):  # noqa: ANN201 - train.run_config.RunConfig, imported lazily
+    from train.run_config import load_run_config
+
+    return load_run_config(DEMO_CONFIG, train_overrides(s))
 
 
 # ----------------------------------------------------------------------------- running commands
@@ -278,9 +295,8 @@ def write_heldout(s: Settings) -> None:
     from data_prep.binidx import MMapIndexedDataset
     from data_prep.manifest import load_manifest
     from data_prep.tokenizer import load_tokenizer
-    from train.run_config import load_run_config
 
-    cfg = load_run_config(REPO / "configs" / "demo.yaml", train_overrides(s))
+    cfg = run_config(s)
     tok = load_tokenizer(str(s.tokenizer))
     last = MMapIndexedDataset(load_manifest(str(s.manifest))["shards"][-1]["prefix"])
     n_val = cfg.data.val_documents
@@ -295,14 +311,7 @@ def write_heldout(s: Settings) -> None:
 
 
 def train_overrides(s: Settings) -> list[str]:
-    return [
-        f"run_dir={s.run_dir}",
-        f"data.manifests=[{s.manifest}]",
-        f"train.steps={s.steps}",
-        f"checkpoint.every={s.checkpoint_every}",
-        f"eval.every={s.eval_every}",
-        *s.extra_train_args,
-    ]
+    return [f"run_dir={s.run_dir}", f"data.manifests=[{s.manifest}]", *s.train_sets]
 
 
 def train_cmd(s: Settings) -> list[str]:
@@ -327,6 +336,23 @@ def training_done(s: Settings) -> bool:
     return tag_step(latest_tag(s)) >= s.steps
 
 
+def kill_tree(pid: int) -> int:
+    """SIGKILL a process and all its descendants at once, and wait until they are gone. (torchrun
+    starts its workers in sessions of their own: a process-group kill would miss them.)"""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    return len(procs)
+
+
 def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
     """Start training, and kill every process of it (SIGKILL, as a crash or a pre-empted node
     would) as soon as the first checkpoint is complete."""
@@ -335,27 +361,22 @@ def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
     log = s.out / "logs" / "train_part1.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
-        # A session of its own, so the kill reaches torchrun and both training processes.
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         print(f"(output in {log}; waiting for the first checkpoint)", flush=True)
         t0 = time.time()
         while proc.poll() is None and latest_tag(s) is None:
             time.sleep(0.5)
             if time.time() - t0 > 1800:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 raise DemoError(f"no checkpoint after 30 minutes (log: {log})")
         tag = latest_tag(s)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            killed = kill_tree(proc.pid)
             proc.wait()
-            print(f"first checkpoint {tag} is complete: killed the training processes (SIGKILL)")
+            print(
+                f"checkpoint {tag} is complete: killed torchrun and the training processes "
+                f"({killed} processes, SIGKILL)"
+            )
         elif proc.returncode != 0:
             tail = log.read_text(errors="replace")[-3000:]
             raise DemoError(f"training failed with exit status {proc.returncode} (log: {log}):\n{tail}")
@@ -363,11 +384,12 @@ def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
 
 
 def resume_training(s: Settings, env: dict[str, str]) -> None:
-    tag = latest_tag(s)
-    print(f"resuming from checkpoint {tag}: the same command again", flush=True)
-    run(train_cmd(s), s.out / "logs" / "train_part2.log", env)
-    resumed = [m for m in metrics(s) if m.get("event") == "resume" or "resumed_from" in m]
-    save_state(s, resumed_from=tag_step(tag), resume_events=resumed[-1:] if resumed else [])
+    print(f"resuming from checkpoint {latest_tag(s)}: the same command again", flush=True)
+    out = run(train_cmd(s), s.out / "logs" / "train_part2.log", env)
+    m = re.search(r"resumed from (\S+) at step (\d+)", out)
+    if m is None:
+        raise DemoError("the second training run did not report resuming from a checkpoint")
+    save_state(s, resumed_from=int(m.group(2)))
 
 
 def convert_done(s: Settings, kind: str) -> bool:
@@ -562,7 +584,11 @@ def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
         print("\nSample (temperature 0.8, top-p 0.85):\n" + "-" * 60)
         print(s.sample.read_text(encoding="utf-8").strip())
         print("-" * 60)
-    rel = lambda p: os.path.relpath(p, Path.cwd())  # noqa: E731
+
+    def rel(p: Path) -> str:  # short paths where the output is under the working directory
+        p = p.resolve()
+        return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
     print("\nArtefacts:")
     for label, path in [
         ("tokenizer", s.tokenizer),
@@ -583,7 +609,7 @@ def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
     print(f"\nTensorBoard:  tensorboard --logdir {rel(s.run_dir / 'tb')}")
     print(
         f"Generate:     {sys.executable} -m launch.generate --weights {rel(s.rwkv_weights)} "
-        f"--prompt {shlex.quote(PROMPT)}"
+        f"--prompt {shlex.quote(PROMPT.strip())}"
     )
 
 
