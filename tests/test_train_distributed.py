@@ -1,0 +1,246 @@
+"""Real DeepSpeed training: 2 processes over gloo (torchrun), the tiny model on the demo shards.
+
+Per ZeRO stage: an uninterrupted run (the loss falls), and a run SIGKILLed after a checkpoint then
+relaunched, whose metrics.jsonl must equal the uninterrupted run's exactly (fp32 on CPU is
+deterministic). Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal,
+SIGTERM checkpointing, and the non-finite-loss guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 12
+EVERY = 4
+TOKENS_PER_STEP = 4 * 2 * 64  # micro 4 x world 2 x ctx 64
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(nproc: int | None, run_dir: Path, manifest: str, *sets: str) -> list[str]:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         "--master_port", str(_port())]
+        if nproc else [sys.executable]
+    )
+    cmd = launcher + ["-m", "train", "--config", str(TINY)]
+    base = [f"data.manifests=[{manifest}]", f"run_dir={run_dir}", "log.progress=false",
+            f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=3", "eval.every=6",
+            f"optim.decay_tokens={STEPS * TOKENS_PER_STEP}"]
+    for s in base + list(sets):
+        cmd += ["--set", s]
+    return cmd
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and all its descendants at once (torchrun starts each worker in a
+    session of its own, so killing the launcher's process group alone would leave them running)."""
+    try:
+        parent = psutil.Process(proc.pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _run(cmd: list[str], log: Path, expect_rc: int = 0, timeout: int = 240) -> str:
+    proc = _start(cmd, log)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    text = log.read_text()
+    assert rc == expect_rc, f"exit {rc} (expected {expect_rc}); log {log}:\n{text[-6000:]}"
+    return text
+
+
+def _records(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+
+
+def _train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in _records(run_dir) if "loss" in r}
+
+
+def _complete(run_dir: Path, step: int) -> bool:
+    return (run_dir / "checkpoints" / f"step{step}" / "complete.json").is_file()
+
+
+def _kill_after(cmd: list[str], log: Path, run_dir: Path, min_step: int, min_ckpt: int) -> int:
+    """Start a run and SIGKILL its whole process group once step >= min_step is logged and
+    checkpoint min_ckpt is complete; returns the last step logged before the kill."""
+    proc = _start(cmd, log)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            steps = _train_records(run_dir)
+            if steps and max(steps) >= min_step and _complete(run_dir, min_ckpt):
+                _kill_tree(proc)
+                return max(_train_records(run_dir))
+            if proc.poll() is not None:
+                pytest.fail(f"run ended (exit {proc.returncode}) before it could be killed:\n"
+                            f"{log.read_text()[-4000:]}")
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    pytest.fail(f"run did not reach step {min_step} in time:\n{log.read_text()[-4000:]}")
+
+
+def _assert_same_metrics(a: Path, b: Path) -> None:
+    ra, rb = _records(a), _records(b)
+    key = lambda r: (r["step"], "val_loss" in r)  # noqa: E731
+    assert [key(r) for r in ra] == [key(r) for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        for field in ("loss", "val_loss", "lr", "tokens", "grad_norm"):
+            assert x.get(field) == y.get(field), f"step {x['step']} {field}: {x.get(field)} != {y.get(field)}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards, tmp_path_factory):
+    """One uninterrupted 2-process run per ZeRO stage (shared by the tests below)."""
+    out = {}
+    root = tmp_path_factory.mktemp("train_ref")
+    for stage in (1, 2, 3):
+        run_dir = root / f"zero{stage}"
+        text = _run(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}"), root / f"zero{stage}.log")
+        out[stage] = (run_dir, text)
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_falls_and_kill_resume_is_exact(stage, uninterrupted, demo_shards, tmp_path):
+    ref, text = uninterrupted[stage]
+    assert f"ZeRO stage {stage}" in text and "world size 2 (torchrun)" in text
+    recs = _train_records(ref)
+    assert sorted(recs) == list(range(1, STEPS + 1))
+    first, last = recs[1]["loss"], sum(recs[s]["loss"] for s in (10, 11, 12)) / 3
+    assert last < first - 1.0, f"ZeRO {stage}: loss {first:.3f} -> {last:.3f} did not fall"
+    vals = [r["val_loss"] for r in _records(ref) if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    for r in recs.values():
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["grad_norm"] > 0
+    assert (ref / "config.resolved.yaml").is_file() and any((ref / "tb").iterdir())
+    # keep 3: steps 4, 8, 12 complete, nothing older
+    assert all(_complete(ref, s) for s in (4, 8, 12))
+
+    run_dir = tmp_path / "killed"
+    # The killed run is given more steps so it cannot finish before the kill (the LR schedule is
+    # pinned by optim.decay_tokens, so the steps it does take are the same).
+    killed_at = _kill_after(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}", "train.steps=1000"),
+                            tmp_path / "killed.log", run_dir, min_step=2 * EVERY + 1, min_ckpt=2 * EVERY)
+    assert killed_at < STEPS, "killed too late to test anything"
+    expected_resume = 2 * EVERY
+    if stage == 1:
+        # A corrupt newest checkpoint: truncate one of its files; resume must fall back to step 4.
+        victim = sorted((run_dir / "checkpoints" / "step8").glob("*optim_states.pt"))[0]
+        victim.write_bytes(victim.read_bytes()[:1000])
+        expected_resume = EVERY
+    text = _run(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}"), tmp_path / "resumed.log")
+    resumed = run_dir / "checkpoints" / f"step{expected_resume}"
+    assert f"resumed from {resumed} at step {expected_resume}" in text
+    if stage == 1:
+        assert "step8: skipped" in text and "truncated" in text
+    _assert_same_metrics(ref, run_dir)
+
+
+def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_path):
+    """A ZeRO-2 checkpoint of 2 processes, resumed by 1 process with no launcher (ds_to_universal,
+    load_universal): world 1 x grad_accum 2 reads the same global batches, so the losses continue
+    the 2-process run's up to float summation order."""
+    ref, _ = uninterrupted[2]
+    run_dir = tmp_path / "one"
+    shutil.copytree(ref, run_dir)
+    (run_dir / "checkpoints" / "step12" / "complete.json").unlink()  # resume from step 8
+    (run_dir / "checkpoints" / "step12" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    text = _run(_cmd(None, run_dir, demo_shards, "train.zero_stage=2", "train.grad_accum=2"),
+                tmp_path / "one.log")
+    assert "world size 1 (single)" in text
+    assert "converting" in text and "universal" in text
+    assert f"at step {2 * EVERY}" in text
+    assert (run_dir / "checkpoints" / "step8_universal" / "zero").is_dir()
+    a, b = _train_records(ref), _train_records(run_dir)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for s in range(2 * EVERY + 1, STEPS + 1):
+        assert b[s]["tokens"] == a[s]["tokens"] and b[s]["lr"] == pytest.approx(a[s]["lr"], rel=1e-12)
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=2e-4), f"step {s}"
+    assert _complete(run_dir, STEPS)
+    meta = json.loads((run_dir / "checkpoints" / f"step{STEPS}" / "complete.json").read_text())
+    assert meta["world_size"] == 1
+
+
+def test_sigterm_checkpoints_then_nan_guard_stops(demo_shards, tmp_path):
+    """SIGTERM: checkpoint at the next step boundary and exit 0. Then, resumed by a plain process:
+    injected non-finite losses are skipped up to train.max_nan_skips, then the run stops with an
+    error and the last good checkpoint stays the newest."""
+    run_dir = tmp_path / "single"
+    cmd = _cmd(None, run_dir, demo_shards, "train.steps=1000", "checkpoint.every=0", "eval.every=0")
+    proc = _start(cmd, tmp_path / "term.log")
+    try:
+        deadline = time.time() + 180
+        while not _train_records(run_dir) or max(_train_records(run_dir)) < 3:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "term.log").read_text()[-4000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    text = (tmp_path / "term.log").read_text()
+    assert rc == 0, text[-4000:]
+    k = max(_train_records(run_dir))
+    assert f"saving a checkpoint at step {k}" in text and _complete(run_dir, k)
+
+    bad = [k + 2, k + 3, k + 5]
+    text = _run(_cmd(None, run_dir, demo_shards, f"train.steps={k + 8}", "checkpoint.every=1", "eval.every=0",
+                     f"train.fault_nan_steps={bad}", "train.max_nan_skips=2"),
+                tmp_path / "nan.log", expect_rc=2)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step{k}'}" in text
+    assert text.count("non-finite loss at step") == 3
+    assert f"non-finite loss 3 times (train.max_nan_skips = 2); stopping at step {k + 5}" in text
+    recs = _train_records(run_dir)
+    assert sorted(recs) == [*range(1, k + 2), k + 4]  # skipped steps log no loss
+    # Checkpoints only after good steps; none after the stop.
+    complete = sorted(int(p.parent.name[4:]) for p in (run_dir / "checkpoints").glob("step*/complete.json"))
+    assert complete[-1] == k + 4 and k + 5 not in complete
