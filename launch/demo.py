@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,31 +148,51 @@ def show(cmd: list[str]) -> None:
     print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
 
 
+class Streamed:
+    """A child process whose output is echoed live and appended to a log (read on a thread, so the
+    caller can watch for other things meanwhile)."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]) -> None:
+        show(cmd)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.cmd, self.log = cmd, log
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        with open(self.log, "ab") as f:
+            while data := os.read(self.proc.stdout.fileno(), 65536):
+                self.chunks.append(data)
+                f.write(data)
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+
+    def wait(self) -> int:
+        rc = self.proc.wait()
+        self.thread.join()
+        return rc
+
+    @property
+    def output(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def failure(self, rc: int) -> DemoError:
+        cmd = " ".join(shlex.quote(str(c)) for c in self.cmd)
+        return DemoError(f"command failed with exit status {rc} (log: {self.log}):\n  {cmd}")
+
+
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> str:
     """Run cmd, echoing its output live and into `log`; return the output. Raise on failure."""
-    show(cmd)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO
-    )
-    chunks = []
-    with open(log, "ab") as f:
-        assert proc.stdout is not None
-        while True:
-            data = os.read(proc.stdout.fileno(), 65536)
-            if not data:
-                break
-            chunks.append(data)
-            f.write(data)
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
-    rc = proc.wait()
+    child = Streamed(cmd, log, env)
+    rc = child.wait()
     if rc != 0:
-        raise DemoError(
-            f"command failed with exit status {rc} (log: {log}):\n  "
-            + " ".join(shlex.quote(str(c)) for c in cmd)
-        )
-    return b"".join(chunks).decode(errors="replace")
+        raise child.failure(rc)
+    return child.output
 
 
 class DemoError(RuntimeError):
@@ -315,17 +336,17 @@ def train_overrides(s: Settings) -> list[str]:
 
 
 def train_cmd(s: Settings) -> list[str]:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [torchrun] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+        *launcher,
         "--standalone",
         "--nproc_per_node",
         str(s.nproc),
         "-m",
         "train",
         "--config",
-        REPO / "configs" / "demo.yaml",
+        DEMO_CONFIG,
     ]
     for o in train_overrides(s):
         cmd += ["--set", o]
@@ -356,30 +377,24 @@ def kill_tree(pid: int) -> int:
 def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
     """Start training, and kill every process of it (SIGKILL, as a crash or a pre-empted node
     would) as soon as the first checkpoint is complete."""
-    cmd = train_cmd(s)
-    show(cmd)
-    log = s.out / "logs" / "train_part1.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        print(f"(output in {log}; waiting for the first checkpoint)", flush=True)
-        t0 = time.time()
-        while proc.poll() is None and latest_tag(s) is None:
-            time.sleep(0.5)
-            if time.time() - t0 > 1800:
-                kill_tree(proc.pid)
-                raise DemoError(f"no checkpoint after 30 minutes (log: {log})")
-        tag = latest_tag(s)
-        if proc.poll() is None:
-            killed = kill_tree(proc.pid)
-            proc.wait()
-            print(
-                f"checkpoint {tag} is complete: killed torchrun and the training processes "
-                f"({killed} processes, SIGKILL)"
-            )
-        elif proc.returncode != 0:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise DemoError(f"training failed with exit status {proc.returncode} (log: {log}):\n{tail}")
+    child = Streamed(train_cmd(s), s.out / "logs" / "train_part1.log", env)
+    t0 = time.time()
+    while child.proc.poll() is None and latest_tag(s) is None:
+        time.sleep(0.5)
+        if time.time() - t0 > 1800:
+            kill_tree(child.proc.pid)
+            raise DemoError(f"no checkpoint after 30 minutes (log: {child.log})")
+    tag = latest_tag(s)
+    if child.proc.poll() is None:
+        killed = kill_tree(child.proc.pid)
+        child.wait()
+        print(
+            f"\n>>> checkpoint {tag} is complete: killed torchrun and the training processes "
+            f"({killed} processes, SIGKILL), as a crash or a pre-empted node would",
+            flush=True,
+        )
+    elif (rc := child.wait()) != 0:
+        raise child.failure(rc)
     save_state(s, interrupted_at=tag_step(tag))
 
 
