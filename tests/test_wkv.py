@@ -146,6 +146,13 @@ def test_non_contiguous_inputs(cpu_ext):
     torch.testing.assert_close(wkv(d, u, k_t, v, backend="cpu"), wkv_reference(d, u, k, v), rtol=0, atol=2e-5)
 
 
+def test_mixed_k_v_dtypes_are_promoted(cpu_ext):
+    d, u, k, v = realistic_inputs(1, 20, 16, torch.float32, requires_grad=False)
+    y = wkv(d, u, k.bfloat16(), v, backend="cpu")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, wkv_reference(d, u, k.bfloat16().float(), v), rtol=0, atol=2e-5)
+
+
 def test_loading_keeps_denormals(cpu_ext):
     """The extension is compiled with -ffast-math; loading it must not switch the process to flush-to-zero."""
     tiny = torch.tensor([1e-39], dtype=torch.float32)

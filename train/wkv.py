@@ -271,6 +271,9 @@ def wkv(
     if backend not in BACKENDS:
         raise ValueError(f"wkv: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     _check_shapes(time_decay, time_first, k, v)
+    if k.dtype != v.dtype:  # e.g. one of them produced outside autocast: compute in the wider type
+        common = torch.promote_types(k.dtype, v.dtype)
+        k, v = k.to(common), v.to(common)
     if t_max is not None and t_max <= 0:
         raise ValueError(f"wkv: t_max (the model config's ctx_len) must be positive, got {t_max}")
     if backend == "reference":
