@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils import cpp_extension
 
 CUDA_SRC_DIR = Path(__file__).resolve().parent.parent / "cuda"
@@ -206,6 +207,7 @@ class _WKVFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
         w, u, k, v, y, states = ctx.saved_tensors
         ext, chunk = ctx.ext, ctx.chunk
