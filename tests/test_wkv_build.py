@@ -14,7 +14,7 @@ import torch
 from torch.utils import cpp_extension
 
 import train.wkv as wkv_mod
-from train.wkv import CUDA_SRC_DIR, WKVBuildError, build_extension, wkv, wkv_reference
+from train.wkv import CUDA_CFLAGS, CUDA_SRC_DIR, WKVBuildError, build_extension, wkv, wkv_reference
 
 
 def find_nvcc() -> str | None:
@@ -50,8 +50,7 @@ def test_nvcc_compiles_kernel_for_sm80_and_sm90(source, tmp_path):
         f"-I{CUDA_SRC_DIR}",
         *TORCH_INCLUDES,
         "-std=c++17",
-        "-O3",
-        "--use_fast_math",
+        *CUDA_CFLAGS,  # the flags wkv() builds with
         "-DWKV_T_MAX=1024",
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90",
