@@ -125,3 +125,59 @@ def test_build_dir_from_environment(tmp_path, monkeypatch):
     with pytest.raises(WKVBuildError):
         build_extension("wkv_env_dir_test", [src])
     assert (tmp_path / "wkv_env_dir_test" / "build.ninja").exists()
+
+
+HOST_PROGRAM = r"""
+// Plain C++ use of the kernel header, no torch: read T C, then w u (C each), then k v (T*C each);
+// print y (T*C) and the final state.
+#include <cstdio>
+#include <vector>
+#include "wkv_math.h"
+int main() {
+    int T, C;
+    if (std::scanf("%d %d", &T, &C) != 2) return 1;
+    std::vector<double> w(C), u(C), k(T * C), v(T * C), y(T * C), state(3 * C);
+    for (auto *vec : {&w, &u, &k, &v})
+        for (double &x : *vec) std::scanf("%lf", &x);
+    for (int c = 0; c < C; c++) state[2 * C + c] = WKV_MIN_EXP;
+    for (int c = 0; c < C; c++)
+        wkv_math::forward_lanes<1, double, double>(T, C, &w[c], &u[c], &k[c], &v[c], &y[c], &state[c], C);
+    for (double x : y) std::printf("%.17g\n", x);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no host C++ compiler")
+def test_header_builds_and_runs_with_plain_cxx(tmp_path):
+    """wkv_math.h needs neither nvcc nor torch: a plain C++ program gives the reference's numbers."""
+    src, exe = tmp_path / "host.cpp", tmp_path / "host"
+    src.write_text(HOST_PROGRAM)
+    cc = subprocess.run(
+        [
+            os.environ.get("CXX", "c++"),
+            "-std=c++17",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            f"-I{CUDA_SRC_DIR}",
+            str(src),
+            "-o",
+            str(exe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cc.returncode == 0, cc.stderr
+    g = torch.Generator().manual_seed(0)
+    T, C = 7, 3
+    d, u = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    k = torch.randn(1, T, C, generator=g, dtype=torch.float64) * 20
+    v = torch.randn(1, T, C, generator=g, dtype=torch.float64)
+    numbers = [T, C, *(-torch.exp(d)).tolist(), *u.tolist(), *k.flatten().tolist(), *v.flatten().tolist()]
+    run = subprocess.run(
+        [str(exe)], input=" ".join(map(repr, numbers)), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    y = torch.tensor([float(x) for x in run.stdout.split()], dtype=torch.float64).reshape(1, T, C)
+    torch.testing.assert_close(y, wkv_reference(d, u, k, v), rtol=1e-12, atol=1e-12)
