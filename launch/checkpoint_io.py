@@ -275,19 +275,79 @@ def load_deepspeed_checkpoint(path: Path, tag: str | None = None) -> LoadedWeigh
         if module is None or not len(module):
             raise CheckpointError(f"{model_file}: empty 'module' and no usable ZeRO optimizer partitions")
         tensors = dict(module)
+        source = f"DeepSpeed checkpoint {tag_dir} (module weights)"
         low = sorted({str(t.dtype) for t in tensors.values() if t.dtype != torch.float32})
+        masters = (
+            _stage0_fp32_masters(tensors, states.get("optimizer"), model_config, run_config) if low else None
+        )
+        if masters is not None:
+            tensors, low = masters, []
+            source = f"DeepSpeed checkpoint {tag_dir} (fp32 master weights of the mixed-precision optimizer)"
         if low:
             notes.append(f"weights read from the {'/'.join(low)} module copy (no fp32 master weights found)")
-        source = f"DeepSpeed checkpoint {tag_dir} (module weights)"
     else:
         source = f"DeepSpeed ZeRO checkpoint {tag_dir} (fp32 master weights via zero_to_fp32)"
     del states
     tensors = strip_wrapper_prefix(tensors)
     check_rwkv_layout(tensors, str(tag_dir))
-    mapped = source.endswith("(module weights)")
+    mapped = "(module weights)" in source
     return LoadedWeights(
         tensors, model_config, dict(run_config or {}), source, notes, base_dir=tag_dir, memory_mapped=mapped
     )
+
+
+def _trainer_group_names(
+    model_config: Mapping[str, Any] | None, run_config: Mapping[str, Any] | None
+) -> list[list[str]] | None:
+    """Parameter names per optimizer group, in the order the trainer built them (train.optim)."""
+    if not model_config or not isinstance(run_config, Mapping):
+        return None
+    try:
+        from train.config import ModelConfig
+        from train.model import RWKV
+        from train.optim import param_groups
+
+        fields = {k: v for k, v in model_config.items() if k in ModelConfig.__dataclass_fields__}
+        with torch.device("meta"):
+            model = RWKV(ModelConfig.from_dict(fields))
+        optim = run_config.get("optim") or {}
+        groups = param_groups(
+            model, float(optim.get("weight_decay", 0.0)), bool(optim.get("layerwise_lr", False))
+        )
+    except Exception:  # another trainer's checkpoint, or a config this version cannot rebuild
+        return None
+    names_of = {id(p): n for n, p in model.named_parameters()}
+    return [[names_of[id(p)] for p in g["params"]] for g in groups]
+
+
+def _stage0_fp32_masters(
+    module: dict[str, Any],
+    optimizer: Any,
+    model_config: Mapping[str, Any] | None,
+    run_config: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Name the fp32 master copies a stage-0 bf16/fp16 optimizer saves (``fp32_groups``).
+
+    They are saved as per-group lists of tensors without names, in the optimizer's parameter
+    order. That order is rebuilt with the trainer's own grouping, and accepted only if every
+    master has its parameter's shape and rounds exactly to the saved bf16/fp16 module weight
+    (the optimizer writes the module weights that way after every step). Otherwise None: the
+    low-precision module weights are used.
+    """
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, Mapping) else None
+    if not isinstance(groups, list) or not all(isinstance(g, list | tuple) for g in groups):
+        return None
+    names = _trainer_group_names(model_config, run_config)
+    if names is None or [len(n) for n in names] != [len(g) for g in groups]:
+        return None
+    out: dict[str, Any] = {}
+    for group_names, group in zip(names, groups, strict=True):
+        for name, master in zip(group_names, group, strict=True):
+            low = module.get(name)
+            if low is None or master.shape != low.shape or not torch.equal(master.to(low.dtype), low):
+                return None
+            out[name] = master
+    return out if len(out) == len(module) else None
 
 
 def _load_zero_fp32(tag_dir: Path, optim_files: list[Path], notes: list[str]) -> dict[str, Any] | None:

@@ -1,9 +1,12 @@
-"""launch.convert on real DeepSpeed checkpoints: 2 processes over gloo, ZeRO-2 and ZeRO-3.
+"""launch.convert on real DeepSpeed checkpoints: 2 processes over gloo, ZeRO-2 and ZeRO-3 in fp32,
+and stage 0 in bf16 (whose fp32 master weights are saved without names).
 
-A small script trains a tiny model for a few steps under `torchrun --nproc_per_node 2`, saves a
-checkpoint with the model config as client state, and independently dumps the engine's full fp32
-parameters (gathered by DeepSpeed itself). Conversion must reproduce those exactly, and the
-converted files must give our model's logits in the `rwkv` package and in transformers.
+A small script trains a tiny model for a few steps under `torchrun --nproc_per_node 2` with the
+trainer's parameter groups, saves a checkpoint with the model and optimizer config as client state,
+and independently dumps the fp32 weights as DeepSpeed holds them in memory (ZeRO-3 gathered by
+DeepSpeed; for bf16 the optimizer's masters, named through the module parameters they belong to).
+Conversion must reproduce those exactly, and the converted files must give our model's logits in
+the `rwkv` package and in transformers.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import torch.nn.functional as F
 import deepspeed
 from train.config import ModelConfig
 from train.model import RWKV
+from train.optim import param_groups
 
-out, stage = sys.argv[1], int(sys.argv[2])
+out, variant = sys.argv[1], sys.argv[2]
+stage, bf16 = int(variant[0]), variant.endswith("bf16")
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=VOCAB, ctx_len=32, wkv_backend="reference")
@@ -44,11 +49,13 @@ model = RWKV(cfg)
 with torch.no_grad():  # move every tensor off its (partly zero) init
     for p in model.parameters():
         p.add_(0.05 * torch.randn_like(p))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+optim_cfg = {"weight_decay": 0.01, "layerwise_lr": True}
+opt = torch.optim.AdamW(param_groups(model, **optim_cfg), lr=1e-2)
 ds_config = {
     "train_micro_batch_size_per_gpu": 2,
     "gradient_accumulation_steps": 1,
     "zero_optimization": {"stage": stage},
+    "bf16": {"enabled": bf16},
     "zero_allow_untested_optimizer": True,
     "steps_per_print": 10**6,
 }
@@ -60,13 +67,23 @@ for step in range(3):
     loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
     engine.backward(loss)
     engine.step()
-ckpt = os.path.join(out, f"zero{stage}", "checkpoints")
-engine.save_checkpoint(ckpt, tag="step3", client_state={"config": {"model": cfg.to_dict()}})
+ckpt = os.path.join(out, "checkpoints")
+client = {"config": {"model": cfg.to_dict(), "optim": optim_cfg}}
+engine.save_checkpoint(ckpt, tag="step3", client_state=client)
 params = dict(engine.module.named_parameters())
-with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
-    reference = {k: v.detach().clone().float() for k, v in params.items()}
+if bf16:  # the optimizer's fp32 masters, paired with the bf16 module parameters they update
+    name_of = {id(p): n for n, p in params.items()}
+    o = engine.optimizer
+    reference = {
+        name_of[id(lp)]: hp.detach().clone()
+        for lg, hg in zip(o.fp16_groups, o.fp32_groups) for lp, hp in zip(lg, hg)
+    }
+    assert len(reference) == len(params) and all(v.dtype == torch.float32 for v in reference.values())
+else:
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+        reference = {k: v.detach().clone().float() for k, v in params.items()}
 if rank == 0:
-    torch.save(reference, os.path.join(out, f"zero{stage}", "reference.pt"))
+    torch.save(reference, os.path.join(out, "reference.pt"))
 torch.distributed.barrier()
 sys.stdout.flush()
 # ZeRO-3 with gloo on CPU can abort in interpreter teardown ("terminate called without an active
@@ -81,11 +98,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=["2", "3", "0bf16"], ids=["zero2", "zero3", "stage0-bf16"])
 def checkpoints(request, tmp_path_factory) -> Path:
-    """One 2-process run per ZeRO stage (two engines in one process leave ZeRO-3's save empty)."""
-    stage = request.param
-    out = tmp_path_factory.mktemp(f"ds_zero{stage}")
+    """One 2-process run per variant (two engines in one process leave ZeRO-3's save empty)."""
+    variant = request.param
+    out = tmp_path_factory.mktemp(f"ds_{variant}")
     script = out / "train_tiny.py"
     script.write_text(TRAIN_SCRIPT)
     env = {
@@ -97,11 +114,11 @@ def checkpoints(request, tmp_path_factory) -> Path:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(script), str(out), str(stage),
+        str(script), str(out), variant,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / f"zero{stage}"
+    return out
 
 
 def model_with(state: dict) -> RWKV:
@@ -120,7 +137,7 @@ def test_zero_checkpoint_converts_exactly_and_loads_in_both_packages(checkpoints
     assert convert.main(["--input", str(ckpt), "--to", "fp32", "--output", str(fp32)]) == 0
     got = torch.load(fp32, weights_only=True)
     assert set(got) == set(reference)
-    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], reference[k]) for k in reference)
 
     ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -148,7 +165,7 @@ def test_zero_checkpoint_converts_exactly_and_loads_in_both_packages(checkpoints
 def test_truncated_zero_partition_is_refused_naming_the_file(checkpoints, tmp_path, capsys):
     ckpt = tmp_path / "checkpoints"
     shutil.copytree(checkpoints / "checkpoints", ckpt)
-    victim = sorted((ckpt / "step3").glob("*optim_states.pt"))[-1]
+    victim = sorted((ckpt / "step3").glob("*_states.pt"))[-1]  # a ZeRO partition, or stage 0's model file
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) * 2 // 3])
     assert convert.main(["--input", str(ckpt), "--to", "rwkv", "--output", str(tmp_path / "m.pth")]) == 2
