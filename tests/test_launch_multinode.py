@@ -1,10 +1,11 @@
 """Two nodes on one machine, started through the launch scripts, training for real.
 
-Each "node" is one launcher invocation with one process (`--nnodes 2 --nproc-per-node 1`), ZeRO-2
-over gloo on the CPU. Where the test runs as root with iproute2, the two nodes live in two network
-namespaces joined by a veth pair (10.77.0.1/24 and 10.77.0.2/24, addresses that exist only inside
-the namespaces this test creates and always deletes), so rendezvous and collectives cross a real
-interface; elsewhere both nodes share the loopback interface.
+Each "node" is one launcher invocation with one process (`--nnodes 2 --nproc-per-node 1` and the
+equivalents of the deepspeed launcher and of SLURM), ZeRO-2 over gloo on the CPU. Where the test
+runs as root with iproute2, the two nodes live in two network namespaces joined by a veth pair
+(10.77.0.1/24 and 10.77.0.2/24, addresses that exist only inside the namespaces this test creates
+and always deletes), so rendezvous and collectives cross a real interface; elsewhere both nodes
+share the loopback interface.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ def write_config(tmp: Path, manifest: str, run_dir: Path, steps: int) -> Path:
     return path
 
 
-def launch_torchrun(
-    node: Node, endpoint: str, config: Path, log: Path, overrides: list[str]
+def launch_node(
+    how: str, nodes: tuple[Node, Node], rank: int, port: int, config: Path, log: Path
 ) -> subprocess.Popen:
+    """Start node `rank`'s share of the job through one of the three launch paths (1 process a node)."""
+    node, master = nodes[rank], nodes[0]
     env = {
         **os.environ,
         "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
@@ -128,35 +131,29 @@ def launch_torchrun(
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": node.ifname,
         "PYTHON": sys.executable,
-        # the trainer's collective timeout, where it reads one: a lost peer must not hang for 30 min
-        "TORCH_DIST_TIMEOUT_S": "60",
     }
-    cmd = [
-        *node.prefix,
-        "bash",
-        str(LAUNCH / "torchrun.sh"),
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "1",
-        "--node-rank",
-        str(node.rank),
-        "--rdzv-endpoint",
-        endpoint,
-        "--local-addr",
-        node.addr,
-        "--rdzv-id",
-        "test",
-        "--",
-        "--config",
-        str(config),
-    ]
-    for o in overrides:
-        cmd += ["--set", o]
+    train_args = ["--config", str(config)]
+    if how == "torchrun":
+        cmd = ["bash", str(LAUNCH / "torchrun.sh"), "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(rank), "--rdzv-endpoint", f"{master.addr}:{port}",
+               "--local-addr", node.addr, "--rdzv-id", "test", "--", *train_args]  # fmt: skip
+    elif how == "deepspeed":
+        hostfile = config.with_name("hostfile")
+        # a host may appear once: on the loopback the two nodes are two spellings of one host
+        hosts = [n.addr for n in nodes] if nodes[0].addr != nodes[1].addr else ["127.0.0.1", "localhost"]
+        hostfile.write_text("".join(f"{h} slots=1\n" for h in hosts))
+        cmd = ["bash", str(LAUNCH / "deepspeed.sh"), "--hostfile", str(hostfile), "--no-ssh",
+               "--node-rank", str(rank), "--master-addr", master.addr, "--master-port", str(port),
+               "--", *train_args]  # fmt: skip
+    elif how == "slurm":  # the variables srun sets for each task of 2 nodes x 1 task
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_NODEID=str(rank),
+                   SLURM_NTASKS_PER_NODE="1", SLURM_JOB_ID="4242", MASTER_ADDR=master.addr,
+                   MASTER_PORT=str(port))  # fmt: skip
+        cmd = ["bash", str(LAUNCH / "slurm_task.sh"), *train_args]
+    else:
+        raise ValueError(how)
     with open(log, "ab") as f:
-        return subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-        )
+        return subprocess.Popen([*node.prefix, *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path]) -> list[int]:
@@ -212,30 +209,35 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 
 def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards) -> None:
-    """ZeRO-2 over two torchrun "nodes": run to completion; a second run killed on node 1 makes node 0
-    exit non-zero within a bounded time; launching again resumes from the last complete checkpoint."""
+    """ZeRO-2 over two "nodes": torchrun.sh runs to completion; a second run killed on node 1 makes
+    node 0 exit non-zero within a bounded time; launching again (deepspeed.sh --no-ssh, then the
+    SLURM task script) resumes from the newest complete checkpoint and finishes."""
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
-
-    def launch(nodes: tuple[Node, Node], phase: str, steps: int) -> tuple[list[subprocess.Popen], list[Path]]:
-        config = write_config(tmp_path, str(demo_shards), run_dir, steps)
-        logs = [tmp_path / f"{phase}_node{n.rank}.log" for n in nodes]
-        return [launch_torchrun(n, endpoint, config, logs[n.rank], []) for n in nodes], logs
 
     def tails(logs: list[Path]) -> str:
         return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
 
     with two_nodes() as nodes:
-        port = 29400 if nodes[0].prefix else _free_port()
-        endpoint = f"{nodes[0].addr}:{port}"
+        loopback = not nodes[0].prefix
+
+        def launch(how: str, phase: str, steps: int) -> tuple[list[subprocess.Popen], list[Path]]:
+            config = write_config(tmp_path, str(demo_shards), run_dir, steps)
+            logs = [tmp_path / f"{phase}_node{r}.log" for r in range(2)]
+            port = _free_port() if loopback else 29400
+            return [launch_node(how, nodes, r, port, config, logs[r]) for r in range(2)], logs
+
+        def run_to_end(how: str, phase: str, steps: int) -> str:
+            procs, logs = launch(how, phase, steps)
+            assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
+            assert complete_steps(ckpts)[-1] == steps and metric_steps(run_dir)[-1] == steps
+            return logs[0].read_text(errors="replace")
 
         # 1. a short run to completion
-        procs, logs = launch(nodes, "first", steps=8)
-        assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
-        assert complete_steps(ckpts)[-1] == 8 and metric_steps(run_dir)[-1] == 8
+        run_to_end("torchrun", "first", steps=8)
 
         # 2. continue towards a far step; kill every process of node 1 after a new checkpoint
-        procs, logs = launch(nodes, "killed", steps=400)
+        procs, logs = launch("torchrun", "killed", steps=400)
         deadline = time.time() + 240
         while complete_steps(ckpts)[-1] < 12:
             assert time.time() < deadline, "no new checkpoint after resuming\n" + tails(logs)
@@ -255,12 +257,12 @@ def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards) ->
         resume_from = complete_steps(ckpts)[-1]
         assert 12 <= resume_from < 400
 
-        # 3. launching again resumes from the newest complete checkpoint and finishes
-        procs, logs = launch(nodes, "resumed", steps=resume_from + 4)
-        assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
-    log0 = logs[0].read_text(errors="replace")
-    assert f"resumed from {ckpts / f'step{resume_from}'} at step {resume_from}" in log0, tails(logs)
+        # 3. launching again resumes from the newest complete checkpoint and finishes (deepspeed launcher)
+        log0 = run_to_end("deepspeed", "resumed", steps=resume_from + 4)
+        assert f"resumed from {ckpts / f'step{resume_from}'} at step {resume_from}" in log0
+
+        # 4. and once more as SLURM tasks
+        log0 = run_to_end("slurm", "slurm", steps=resume_from + 8)
+        assert f"resumed from {ckpts / f'step{resume_from + 4}'} at step {resume_from + 4}" in log0
     steps = metric_steps(run_dir)
-    assert steps[-1] == resume_from + 4
-    assert steps == sorted(set(steps))  # metrics are cut back to the resume point: no step twice
-    assert complete_steps(ckpts)[-1] == resume_from + 4
+    assert steps == sorted(set(steps))  # metrics are cut back to each resume point: no step twice
