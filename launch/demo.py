@@ -117,7 +117,7 @@ def demo_settings(args: argparse.Namespace) -> Settings:
             tokenizer_sentences=100_000,
             nproc=2,
             sample_tokens=300,
-            heldout_tokens=20000,
+            heldout_tokens=8000,
         )
     if args.steps:
         s.train_sets.append(f"train.steps={args.steps}")
@@ -135,10 +135,12 @@ def run_config(s: Settings):  # noqa: ANN201 - train.run_config.RunConfig, impor
 # ----------------------------------------------------------------------------- running commands
 
 
-def child_env(nproc: int) -> dict[str, str]:
+def child_env(processes: int) -> dict[str, str]:
+    """Environment of the demo's commands: CPU training, and the cores shared among `processes`
+    (unless OMP_NUM_THREADS is set already)."""
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")  # the demo trains on CPU processes, GPU or not
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -377,7 +379,7 @@ def kill_tree(pid: int) -> int:
 def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
     """Start training, and kill every process of it (SIGKILL, as a crash or a pre-empted node
     would) as soon as the first checkpoint is complete."""
-    child = Streamed(train_cmd(s), s.out / "logs" / "train_part1.log", env)
+    child = Streamed(train_cmd(s), s.out / "logs" / "train_part1.log", child_env(s.nproc))
     t0 = time.time()
     while child.proc.poll() is None and latest_tag(s) is None:
         time.sleep(0.5)
@@ -400,7 +402,7 @@ def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
 
 def resume_training(s: Settings, env: dict[str, str]) -> None:
     print(f"resuming from checkpoint {latest_tag(s)}: the same command again", flush=True)
-    out = run(train_cmd(s), s.out / "logs" / "train_part2.log", env)
+    out = run(train_cmd(s), s.out / "logs" / "train_part2.log", child_env(s.nproc))
     m = re.search(r"resumed from (\S+) at step (\d+)", out)
     if m is None:
         raise DemoError("the second training run did not report resuming from a checkpoint")
@@ -653,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clean and s.out.exists():
         shutil.rmtree(s.out)
     s.out.mkdir(parents=True, exist_ok=True)
-    env = child_env(s.nproc)
+    env = child_env(1)  # one process at a time, except training
     timings: list[tuple[str, float, bool]] = []
     all_steps = steps(s, env)
     for i, step in enumerate(all_steps, 1):
