@@ -221,3 +221,19 @@ def test_metrics_truncated_back_to_resume_step(tmp_path):
     assert truncate_metrics(f, 4) == 4
     kept = [json.loads(x) for x in f.read_text().splitlines()]
     assert [x["step"] for x in kept] == [1, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_split_their_batch(path):
+    from train.config import ModelConfig
+    from train.trainer import resolve_batch
+
+    cfg = load_run_config(path)
+    overrides = {k: v for k, v in cfg.model.overrides.items() if v != "auto"}
+    ModelConfig.from_preset(cfg.model.preset, **overrides)  # sizes are valid
+    t = cfg.train
+    for world in (8, t.global_batch_size // t.micro_batch_size) if t.global_batch_size else (2,):
+        resolve_batch(cfg, world)
+        assert cfg.train.grad_accum * cfg.train.micro_batch_size * world == (
+            cfg.train.global_batch_size or cfg.train.micro_batch_size * world * cfg.train.grad_accum)
+        cfg.train.grad_accum = 1
