@@ -35,6 +35,9 @@ export TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR
 # A rank whose peer died raises instead of hanging in a collective until the timeout.
 : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
 export NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING
+# DEEPSPEED_TIMEOUT (minutes, DeepSpeed's default 10): how long a collective waits for a peer that
+# vanished without closing its connections (a frozen node, a partition) before the rank fails.
+# A crashed process closes them, and its peers fail within seconds anyway.
 
 # --- rendezvous defaults
 : "${MASTER_PORT:=29500}"
@@ -43,7 +46,7 @@ export NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING
 # Variables every rank on every node must see. Prefix patterns end in `_`.
 RWKV_FORWARDED_VARS=(
   NCCL_ TORCH_NCCL_ GLOO_SOCKET_IFNAME TP_SOCKET_IFNAME UCX_ CUDA_DEVICE_MAX_CONNECTIONS
-  OMP_NUM_THREADS DS_ACCELERATOR TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR PYTHONPATH
+  DEEPSPEED_TIMEOUT OMP_NUM_THREADS DS_ACCELERATOR TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR PYTHONPATH
   HF_HOME WANDB_
 )
 

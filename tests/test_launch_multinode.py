@@ -131,6 +131,7 @@ def launch_node(
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": node.ifname,
         "PYTHON": sys.executable,
+        "DEEPSPEED_TIMEOUT": "1",  # minutes: bounds any collective that waits for a dead peer
     }
     train_args = ["--config", str(config)]
     if how == "torchrun":
