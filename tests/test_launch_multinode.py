@@ -131,7 +131,7 @@ def launch_node(
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": node.ifname,
         "PYTHON": sys.executable,
-        "DEEPSPEED_TIMEOUT": "1",  # minutes: bounds any collective that waits for a dead peer
+        "DEEPSPEED_TIMEOUT": "3",  # minutes: bounds any collective that waits for a dead peer
     }
     train_args = ["--config", str(config)]
     if how == "torchrun":
@@ -247,10 +247,10 @@ def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards) ->
         kill_node(procs[1])
         t_kill = time.time()
         try:
-            rc0 = procs[0].wait(timeout=120)
+            rc0 = procs[0].wait(timeout=200)
         except subprocess.TimeoutExpired:
             kill_node(procs[0])
-            pytest.fail("node 0 kept running for 120 s after node 1 was killed\n" + tails(logs))
+            pytest.fail("node 0 kept running for 200 s after node 1 was killed\n" + tails(logs))
         procs[1].wait()
         print(f"node 0 exited with status {rc0}, {time.time() - t_kill:.1f} s after node 1 was killed")
         assert rc0 != 0, "node 0 exited 0 although its peer died mid-run"
