@@ -86,6 +86,13 @@ def write_torch_state_dict(loaded: LoadedWeights, output: Path, dtype: torch.dty
     os.replace(tmp, output)  # never leave a half-written file under the final name
 
 
+def _readable_like_other_files(path: Path) -> None:
+    """safetensors creates its file owner-only (0600); give it the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_hf(loaded: LoadedWeights, output: Path, dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
 
@@ -97,6 +104,7 @@ def write_hf(loaded: LoadedWeights, output: Path, dtype: torch.dtype) -> None:
         out[to_hf_key(name)] = _take(loaded, name, dtype)
     tmp = output / "model.safetensors.tmp"
     save_file(out, str(tmp), metadata={"format": "pt"})
+    _readable_like_other_files(tmp)
     os.replace(tmp, output / "model.safetensors")
     del out
     hf = hf_config(cfg.to_dict(), shapes, eos_id=_eod_id(loaded))
