@@ -243,3 +243,24 @@ def test_stage0_module_file_without_latest_uses_the_newest_tag(source, tmp_path)
     assert run_convert("--input", ckpt, "--to", "fp32", "--output", out) == 0
     got = torch.load(out, weights_only=True)
     assert all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_an_incomplete_latest_tag_falls_back_to_the_newest_complete_one(source, tmp_path):
+    """Tags written by the trainer carry complete.json with file sizes; `latest` may name a tag
+    whose save never finished on every rank."""
+    ckpt = tmp_path / "checkpoints"
+    sd = torch.load(source["path"], weights_only=True)
+    for step, scale in ((5, 1.0), (10, 0.5)):
+        tag = ckpt / f"step{step}"
+        tag.mkdir(parents=True)
+        module = {k: v * scale for k, v in sd.items()}
+        torch.save({"module": module, "config": {"model": source["cfg"].to_dict()}},
+                   tag / "mp_rank_00_model_states.pt")  # fmt: skip
+    size = (ckpt / "step5/mp_rank_00_model_states.pt").stat().st_size
+    (ckpt / "step5/complete.json").write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": size}}))
+    (ckpt / "latest").write_text("step10")  # step10 has no complete.json
+    out = tmp_path / "o.pt"
+    with pytest.warns(UserWarning, match="step10: skipped"):
+        assert run_convert("--input", ckpt, "--to", "fp32", "--output", out) == 0
+    got = torch.load(out, weights_only=True)
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
