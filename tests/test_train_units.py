@@ -203,7 +203,7 @@ def test_launcher_environment_detection():
     d = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0",
                 "MASTER_PORT": "1234"})
     assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher) == (
-        3, 8, 1, "n0", 1234, "torchrun")
+        3, 8, 1, "n0", 1234, "torchrun/deepspeed")
     d = detect({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
                 "SLURM_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "4242"})
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (9, 16, 1, "slurm")

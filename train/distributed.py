@@ -28,7 +28,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # torchrun | slurm | single
+    launcher: str  # torchrun/deepspeed | slurm | single
 
 
 def _free_port() -> int:
@@ -67,7 +67,7 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             local_rank=int(env.get("LOCAL_RANK", "0")),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", "29500")),
-            launcher="torchrun",
+            launcher="torchrun/deepspeed",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1"))
