@@ -2,8 +2,8 @@
 
 Per ZeRO stage: an uninterrupted run (the loss falls), and a run SIGKILLed after a checkpoint then
 relaunched, whose metrics.jsonl must equal the uninterrupted run's exactly (fp32 on CPU is
-deterministic). Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal,
-SIGTERM checkpointing, and the non-finite-loss guard.
+deterministic). Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal;
+2 tasks started as srun would, SIGTERM checkpointing, and the non-finite-loss guard.
 """
 
 from __future__ import annotations
@@ -210,32 +210,60 @@ def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_p
     assert meta["world_size"] == 1
 
 
-def test_sigterm_checkpoints_then_nan_guard_stops(demo_shards, tmp_path):
-    """SIGTERM: checkpoint at the next step boundary and exit 0. Then, resumed by a plain process:
-    injected non-finite losses are skipped up to train.max_nan_skips, then the run stops with an
-    error and the last good checkpoint stays the newest."""
-    run_dir = tmp_path / "single"
-    cmd = _cmd(None, run_dir, demo_shards, "train.steps=1000", "checkpoint.every=0", "eval.every=0")
-    proc = _start(cmd, tmp_path / "term.log")
+def _start_as_srun(run_dir: Path, manifest: str, log_dir: Path, name: str, *sets: str,
+                   ntasks: int = 2) -> list[subprocess.Popen]:
+    """Start the trainer the way `srun` would: one plain process per task, SLURM_* variables only
+    (no RANK/WORLD_SIZE, no scontrol here: the master comes from SLURM_NODELIST)."""
+    port, procs = _port(), []
+    for task in range(ntasks):
+        env = _env()
+        env.update(SLURM_PROCID=str(task), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(task),
+                   SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(_cmd(None, run_dir, manifest, *sets), cwd=REPO, env=env,
+                                      stdout=open(log_dir / f"{name}.task{task}.log", "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: int = 240) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_tree(p)
+
+
+def test_srun_tasks_sigterm_checkpoint_then_nan_guard(demo_shards, tmp_path):
+    """Two tasks started as srun would. SIGTERM to one task only (as a pre-empted node gets):
+    both save a checkpoint at the next step boundary and exit 0. Then, resumed: injected
+    non-finite losses are skipped up to train.max_nan_skips, then the run stops with an error and
+    the last good checkpoint stays the newest."""
+    run_dir = tmp_path / "srun"
+    procs = _start_as_srun(run_dir, demo_shards, tmp_path, "term", "train.steps=1000", "checkpoint.every=0",
+                           "eval.every=0")
+    log0 = tmp_path / "term.task0.log"
     try:
         deadline = time.time() + 180
         while not _train_records(run_dir) or max(_train_records(run_dir)) < 3:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "term.log").read_text()[-4000:]
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, log0.read_text()[-4000:]
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
+        procs[1].send_signal(signal.SIGTERM)
     finally:
-        if proc.poll() is None:
-            _kill_tree(proc)
-    text = (tmp_path / "term.log").read_text()
-    assert rc == 0, text[-4000:]
+        rcs = _wait_all(procs, timeout=120)
+    text = log0.read_text()
+    assert rcs == [0, 0], text[-4000:]
+    assert "world size 2 (slurm)" in text
     k = max(_train_records(run_dir))
-    assert f"saving a checkpoint at step {k}" in text and _complete(run_dir, k)
+    assert f"signal {int(signal.SIGTERM)}: saving a checkpoint at step {k}" in text and _complete(run_dir, k)
 
     bad = [k + 2, k + 3, k + 5]
-    text = _run(_cmd(None, run_dir, demo_shards, f"train.steps={k + 8}", "checkpoint.every=1", "eval.every=0",
-                     f"train.fault_nan_steps={bad}", "train.max_nan_skips=2"),
-                tmp_path / "nan.log", expect_rc=2)
+    procs = _start_as_srun(run_dir, demo_shards, tmp_path, "nan", f"train.steps={k + 8}",
+                           "checkpoint.every=1", "eval.every=0", f"train.fault_nan_steps={bad}",
+                           "train.max_nan_skips=2")
+    rcs = _wait_all(procs)
+    text = (tmp_path / "nan.task0.log").read_text()
+    assert rcs == [2, 2], text[-4000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step{k}'}" in text
     assert text.count("non-finite loss at step") == 3
     assert f"non-finite loss 3 times (train.max_nan_skips = 2); stopping at step {k + 5}" in text
