@@ -126,9 +126,11 @@ def plan_shards(scans: list[dict], shards: int, max_records: int | None) -> list
 _W: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_spec: str, eod_token: str | None, options: dict) -> None:
-    # Each worker is one process: the tokenizer's own thread pool would only compete with its siblings.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _init_worker(tokenizer_spec: str, eod_token: str | None, options: dict, single_threaded: bool) -> None:
+    if single_threaded:
+        # One process per core: the tokenizers' own thread pools would only compete with their siblings.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
     _W["tok"] = load_tokenizer(tokenizer_spec, eod_token=eod_token)
     _W.update(options)
 
@@ -207,11 +209,13 @@ class _Runner:
     def __init__(self, s: PrepSettings, dtype: np.dtype):
         options = {"text_key": s.text_key, "append_eod": s.append_eod, "dtype": dtype,
                    "include": set(s.include_sets or ()), "exclude": set(s.exclude_sets or ())}
-        init_args = (s.tokenizer, s.eod_token, options)
         self.workers = max(1, s.workers)
+        init_args = (s.tokenizer, s.eod_token, options, self.workers > 1)
         self.pool = None
         if self.workers > 1:
-            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            # spawn: workers start clean (no inherited threads or tokenizer pools) and are our children,
+            # so their resource usage is accounted to this process.
+            method = "spawn"
             self.pool = mp.get_context(method).Pool(self.workers, _init_worker, init_args)
         else:
             _init_worker(*init_args)

@@ -9,6 +9,7 @@ different vocabularies are never mixed).
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import os
@@ -129,27 +130,65 @@ def world_vocab_path() -> Path:
     return Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"
 
 
+def _world_pieces(path: Path) -> dict[int, bytes]:
+    """id -> bytes from the vocabulary file (lines: `ID REPR(str or bytes) BYTE_LENGTH`)."""
+    pieces = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        idx, rest = line.split(" ", 1)
+        literal, length = rest.rsplit(" ", 1)
+        piece = ast.literal_eval(literal)
+        piece = piece.encode("utf-8") if isinstance(piece, str) else piece
+        if len(piece) != int(length):
+            raise ValueError(f"{path}:{n}: piece length {len(piece)} != {length}")
+        pieces[int(idx)] = piece
+    return pieces
+
+
 class WorldTokenizer(Tokenizer):
-    """RWKV World vocabulary (`rwkv_vocab_v20230424`), greedy longest byte match; id 0 ends a document."""
+    """RWKV World vocabulary (`rwkv_vocab_v20230424`), greedy longest byte match; id 0 ends a document.
+
+    Encodes with `pyrwkv_tokenizer` (Rust) when it is installed, else with the `rwkv` package's
+    pure-Python trie; both give the same ids, the Rust one about ten times faster.
+    """
 
     kind = "rwkv-world"
 
     def __init__(self):
-        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-
         path = world_vocab_path()
         self.spec = WORLD_SPEC
-        self._tok = TRIE_TOKENIZER(str(path))
+        try:
+            from pyrwkv_tokenizer import WorldTokenizer as _Rust
+
+            self._rust = _Rust(str(path))
+            self._trie = None
+        except ImportError:
+            from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+            self._rust = None
+            self._trie = TRIE_TOKENIZER(str(path))
+        self._path = path
+        self._pieces: dict[int, bytes] | None = None  # read on first decode
         self.vocab_size = WORLD_VOCAB_SIZE
         self.eod_id = 0
         self.identity = _file_identity(self.kind, path)
 
+    @property
+    def backend(self) -> str:
+        return "pyrwkv_tokenizer" if self._rust is not None else "rwkv.rwkv_tokenizer"
+
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+        return self._rust.encode(text) if self._rust is not None else self._trie.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._rust is not None:
+            return self._rust.encode_batch(texts)
+        return [self._trie.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
+        if self._pieces is None:
+            self._pieces = _world_pieces(self._path)
         # Id 0 has no bytes in the vocabulary: it only marks a document's end.
-        return self._tok.decodeBytes([int(i) for i in ids if int(i) != 0]).decode("utf-8", errors="replace")
+        return b"".join(self._pieces.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
 
 
 @functools.cache

@@ -115,6 +115,16 @@ def test_rwkv_world_matches_greedy_longest_match(demo_corpus):
     assert [tok.decode(tok.encode(t) + [0]) for t in texts] == texts
 
 
+def test_rwkv_world_matches_the_rwkv_package(demo_corpus):
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    ref = TRIE_TOKENIZER(str(world_vocab_path()))
+    tok = load_tokenizer("rwkv-world")
+    texts = SAMPLES + demo_texts(demo_corpus, 20)
+    assert tok.encode_batch(texts) == [ref.encode(t) for t in texts]
+    assert [tok.decode(ref.encode(t)) for t in texts] == [ref.decode(ref.encode(t)) for t in texts]
+
+
 def test_identity_follows_the_vocabulary_file(demo_tokenizer, hf_tokenizer_json, tmp_path):
     a = load_tokenizer(demo_tokenizer)
     assert a.identity == load_tokenizer(demo_tokenizer).identity
