@@ -4,7 +4,8 @@
                              [--tag TAG] [--dtype fp32|bf16|fp16] [--verify]
 
 ``--input`` is a DeepSpeed checkpoint directory (any ZeRO stage; the tag in
-``latest`` unless ``--tag``) or a consolidated state dict file.  Outputs:
+``latest`` unless ``--tag``), a consolidated state dict file, or a Hugging Face
+directory written by this tool.  Outputs:
 
 * ``rwkv``: a ``.pth`` for the ``rwkv`` pip package (RWKV-LM key layout, raw values);
 * ``hf``:   a directory with ``config.json`` + ``model.safetensors`` for
@@ -28,9 +29,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec, load_weights
+from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec
 from launch.hf_format import hf_config, to_hf_key
-from launch.model_loading import SIDECAR_NAME_HF, model_config_from
+from launch.model_loading import SIDECAR_NAME_HF, load_any_weights, model_config_from
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_VERIFY_TEXT = (
@@ -132,7 +133,7 @@ def convert(
         raise ValueError(f"unknown output format {to!r}; expected rwkv, hf or fp32")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    loaded = load_weights(input, tag=tag, model_config_path=model_config_path)
+    loaded = load_any_weights(input, tag=tag, model_config_path=model_config_path)
     side = _sidecar(loaded)
     out = output_path(to, Path(output))
     if to == "hf":
@@ -194,7 +195,7 @@ def verify(
     """Max |logit difference| between our model on the source weights and the converted weights."""
     from launch.model_loading import model_from_tensors
 
-    loaded = load_weights(input, tag=tag, model_config_path=model_config_path)
+    loaded = load_any_weights(input, tag=tag, model_config_path=model_config_path)
     cfg = model_config_from(loaded.model_config or {}, {"wkv_backend": "reference"})
     spec = tokenizer or find_tokenizer_spec(loaded.run_config, loaded.base_dir)
     tokens = verify_tokens(text, spec, cfg.vocab_size)

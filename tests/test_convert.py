@@ -264,3 +264,13 @@ def test_an_incomplete_latest_tag_falls_back_to_the_newest_complete_one(source, 
         assert run_convert("--input", ckpt, "--to", "fp32", "--output", out) == 0
     got = torch.load(out, weights_only=True)
     assert all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_hf_directory_converts_back_to_the_same_weights(source, tmp_path):
+    hf_dir, back = tmp_path / "hf", tmp_path / "back.pth"
+    assert run_convert("--input", source["path"], "--to", "hf", "--output", hf_dir) == 0
+    assert run_convert("--input", hf_dir, "--to", "rwkv", "--output", back) == 0
+    got = torch.load(back, weights_only=True)
+    want = source["model"].state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads(back.with_suffix(".json").read_text())["model"]["ctx_len"] == source["cfg"].ctx_len
