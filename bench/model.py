@@ -16,11 +16,11 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,17 +30,22 @@ from train.model import RWKV  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
-    """FLOP/s of an n x n x n torch.matmul, best of `reps` after one warmup."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+class MatmulPeak:
+    """FLOP/s of an n x n x n torch.matmul in one dtype: the machine's practical peak."""
+
+    def __init__(self, dtype: torch.dtype, n: int = 4096):
+        self.n = n
+        self.a = torch.randn(n, n, dtype=dtype)
+        self.b = torch.randn(n, n, dtype=dtype)
+        torch.matmul(self.a, self.b)  # warm up
+
+    def measure(self, reps: int = 2) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(self.a, self.b)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * self.n**3 / best
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -70,42 +75,74 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     return Logits()
 
 
-def step_time(model: torch.nn.Module, idx: torch.Tensor, steps: int, warmup: int) -> float:
-    """Median seconds of one training step (forward + loss + backward)."""
-    vocab = None
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        logits = model(idx[:, :-1])
-        vocab = logits.shape[-1]
-        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), idx[:, 1:].reshape(-1))
-        loss.backward()
-        for p in model.parameters():
-            p.grad = None
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+def hf_key(key: str) -> str:
+    """Our (RWKV-LM) parameter name -> transformers RwkvForCausalLM's."""
+    if key == "head.weight":
+        return key
+    key = key.replace("emb.weight", "embeddings.weight").replace(".ln0.", ".pre_ln.")
+    key = key.replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
+    for short, long in (("_k", "_key"), ("_v", "_value"), ("_r", "_receptance")):
+        key = key.replace(f"time_mix{short}", f"time_mix{long}")
+    return "rwkv." + key
+
+
+def train_step(model: torch.nn.Module, idx: torch.Tensor) -> tuple[float, float]:
+    """(seconds, loss) of one training step: forward, fp32 cross entropy (as the trainer), backward."""
+    t0 = time.perf_counter()
+    logits = model(idx[:, :-1])
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return time.perf_counter() - t0, float(loss.detach())
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def run(name: str, build: Callable[[], torch.nn.Module], dtype: torch.dtype, args, cfg, peak: float) -> float:
+def bench_dtype(dtype: torch.dtype, args, cfg: ModelConfig) -> dict[str, float]:
+    """Tokens/s of each model and the matmul peak, measured in alternation so that a change in the
+    machine's load hits all of them alike. Both models get the same weights and the same batch."""
     torch.manual_seed(0)
-    model = build().to(dtype).train()
+    models = {"ours": RWKV(cfg)}
+    if not args.skip_hf:
+        hf = hf_model(cfg)
+        hf.inner.load_state_dict({hf_key(k): v for k, v in models["ours"].state_dict().items()})
+        models["transformers"] = hf
+    for m in models.values():
+        m.to(dtype).train()
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx + 1))
-    seconds = step_time(model, idx, args.steps, args.warmup)
-    tokens_per_s = args.batch * args.ctx / seconds
-    mfu = tokens_per_s * cfg.flops_per_token(args.ctx) / peak
-    print(
-        f"{name:<14} {dtype_name(dtype):<9} {seconds:8.2f} s/step {tokens_per_s:9.1f} tokens/s"
-        f"  MFU {100 * mfu:5.1f}%",
-        flush=True,
-    )
-    del model
-    return tokens_per_s
+    times: dict[str, list[float]] = {name: [] for name in models}
+    peaks: list[float] = []
+    peak_meter = MatmulPeak(dtype)
+    losses: dict[str, float] = {}
+    for m in models.values():
+        for _ in range(args.warmup):
+            train_step(m, idx)
+    for _ in tqdm(range(args.steps), desc=f"{dtype_name(dtype)} steps", leave=False):
+        peaks.append(peak_meter.measure())
+        for name, m in models.items():
+            seconds, losses[name] = train_step(m, idx)
+            times[name].append(seconds)
+    peak = median(peaks)
+    print(f"matmul peak    {dtype_name(dtype):<9} {peak / 1e9:8.1f} GFLOP/s", flush=True)
+    result = {"peak": peak}
+    for name in models:
+        seconds = median(times[name])
+        tokens_per_s = args.batch * args.ctx / seconds
+        mfu = tokens_per_s * cfg.flops_per_token(args.ctx) / peak
+        print(
+            f"{name:<14} {dtype_name(dtype):<9} {seconds:8.2f} s/step {tokens_per_s:9.1f} tokens/s"
+            f"  MFU {100 * mfu:5.1f}%  loss {losses[name]:.4f}",
+            flush=True,
+        )
+        result[name] = tokens_per_s
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="169m")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per model and dtype (median)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model and dtype (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--wkv-backend", default="auto", help="auto | cpu | reference")
@@ -127,31 +164,23 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"preset {args.preset}: {cfg.n_params() / 1e6:.1f}M params, ctx {args.ctx}, batch {args.batch}, "
         f"{cfg.flops_per_token(args.ctx) / 1e9:.3f} GFLOP/token (fwd+bwd); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}",
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    peaks = {}
-    for dtype in dtypes:
-        peaks[dtype] = matmul_peak(dtype)
-        print(
-            f"matmul peak    {dtype_name(dtype):<9} {peaks[dtype] / 1e9:8.1f} GFLOP/s",
-            flush=True,
-        )
-
-    ours: dict[torch.dtype, float] = {}
-    theirs: dict[torch.dtype, float] = {}
-    for dtype in dtypes:
-        ours[dtype] = run("ours", lambda: RWKV(cfg), dtype, args, cfg, peaks[dtype])
-        if not args.skip_hf:
-            theirs[dtype] = run("transformers", lambda: hf_model(cfg), dtype, args, cfg, peaks[dtype])
-    if theirs:
-        for dtype in dtypes:
-            print(f"ratio ours/transformers {dtype_name(dtype)}: {ours[dtype] / theirs[dtype]:.2f}x")
-        best_ours, best_theirs = max(ours.values()), max(theirs.values())
+    results = {dtype: bench_dtype(dtype, args, cfg) for dtype in dtypes}
+    print(
+        f"load average at the end {os.getloadavg()[0]:.1f} (figures are only meaningful on an idle machine)"
+    )
+    if not args.skip_hf:
+        for dtype, r in results.items():
+            print(f"ratio ours/transformers {dtype_name(dtype)}: {r['ours'] / r['transformers']:.2f}x")
+        best_ours = max(r["ours"] for r in results.values())
+        best_theirs = max(r["transformers"] for r in results.values())
         print(f"ratio best ours / best transformers: {best_ours / best_theirs:.2f}x (target >= 3x)")
-    if torch.bfloat16 in ours:
-        bf16_mfu = ours[torch.bfloat16] * cfg.flops_per_token(args.ctx) / peaks[torch.bfloat16]
-        print(f"ours bf16 MFU: {100 * bf16_mfu:.1f}% (target >= 40%)")
+    if torch.bfloat16 in results:
+        r = results[torch.bfloat16]
+        mfu = r["ours"] * cfg.flops_per_token(args.ctx) / r["peak"]
+        print(f"ours bf16 MFU: {100 * mfu:.1f}% (target >= 40%)")
 
 
 if __name__ == "__main__":
