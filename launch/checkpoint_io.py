@@ -6,7 +6,8 @@ Two kinds of input are understood:
   tag directory inside it), any ZeRO stage.  ZeRO 1-3 keep the fp32 master
   weights partitioned across ``*_optim_states.pt`` files; DeepSpeed's own
   ``zero_to_fp32`` reassembles them.  Stage 0 keeps the whole model in the
-  ``module`` dict of ``mp_rank_00_model_states.pt``.
+  ``module`` dict of ``mp_rank_00_model_states.pt`` (bf16/fp16 in mixed
+  precision, with unnamed fp32 masters in the optimizer state beside it).
 * a consolidated state dict file (``torch.save(model.state_dict())``), with the
   model config in a JSON file beside it when there is one.
 
@@ -22,7 +23,7 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,6 @@ class LoadedWeights:
         if self.memory_mapped:
             release_mapped_pages(t)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) in key order, releasing each source entry as it goes."""
-        for name in list(self.tensors):
-            yield name, self.pop_tensor(name)
-
 
 def release_mapped_pages(t: torch.Tensor) -> None:
     """madvise(MADV_DONTNEED) over the whole pages a tensor's bytes cover (Linux; else nothing)."""
@@ -117,7 +113,11 @@ def check_torch_file(path: Path) -> None:
 
 
 def load_torch_file(path: Path, weights_only: bool) -> Any:
-    """torch.load memory-mapped, turning every failure into an error naming the file."""
+    """torch.load memory-mapped, turning every failure into an error naming the file.
+
+    DeepSpeed model-state files pickle optimizer and config objects, so they need
+    ``weights_only=False``: only load checkpoints from sources you trust.
+    """
     check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
@@ -385,7 +385,12 @@ def sidecar_config_paths(path: Path) -> list[Path]:
 
 def load_state_dict_file(path: Path, model_config_path: Path | None = None) -> LoadedWeights:
     """A consolidated state dict (``torch.save(model.state_dict())``), or an RWKV .pth."""
-    obj = load_torch_file(path, weights_only=False)
+    try:
+        obj = load_torch_file(path, weights_only=True)
+    except CheckpointError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        obj = load_torch_file(path, weights_only=False)  # a DeepSpeed model-states file given directly
     run_config = None
     if isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):  # a stage-0 model states file
         run_config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
