@@ -323,3 +323,45 @@ def test_tiny_model_learns_real_text(demo_shards):
     print(f"held-out loss {before:.3f} -> {after:.3f}; unigram entropy {unigram_entropy:.3f}")
     assert abs(before - math.log(vocab)) < 0.5
     assert after < unigram_entropy
+
+
+def test_bf16_model_tracks_fp32_in_both_modes():
+    """bf16 weights (as DeepSpeed's bf16 mode holds them): parallel and RNN logits stay close to fp32."""
+    torch.manual_seed(5)
+    cfg = small_config()
+    model = randomize(RWKV(cfg), seed=5).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        ref = model(idx)
+        model.to(torch.bfloat16)
+        par = model(idx).float()
+        rnn, state = model.forward_rnn(idx)
+    assert state.dtype == torch.float32
+    scale = ref.abs().max()
+    assert (par - ref).abs().max() < 0.05 * scale
+    assert (rnn.float() - ref[:, -1]).abs().max() < 0.05 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the WKV CUDA kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_model_matches_cpu_reference(dtype):
+    torch.manual_seed(6)
+    cfg = small_config(ctx_len=128)
+    model = randomize(RWKV(cfg), seed=6)
+    idx = torch.randint(0, cfg.vocab_size, (2, 100))
+    ref = RWKV(ModelConfig.from_dict({**cfg.to_dict(), "wkv_backend": "reference"}))
+    ref.load_state_dict(model.state_dict())
+    expected = ref(idx)
+    expected.square().mean().backward()
+    gpu = RWKV(ModelConfig.from_dict({**cfg.to_dict(), "wkv_backend": "cuda"}))
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.to("cuda", dtype)
+    got = gpu(idx.cuda())
+    got.float().square().mean().backward()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    scale = expected.abs().max()
+    assert (got.float().cpu() - expected).abs().max() <= tol * scale
+    for (name, a), (_, b) in zip(ref.named_parameters(), gpu.named_parameters(), strict=True):
+        err = (b.grad.float().cpu() - a.grad).abs().max()
+        assert err <= 10 * tol * a.grad.abs().max() + 1e-6, name
