@@ -138,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 0:
+        parser.error("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 0")
+    if args.window is not None and args.window < 1:
+        parser.error("--window must be at least 1")
     try:
         loaded = load_model(args.weights, args.tag, args.model_config, args.wkv_backend)
     except CheckpointError as e:
@@ -153,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(spec)
+    try:
+        tok = load_tokenizer(spec)
+    except Exception as e:  # missing file, unknown spec: the tokenizer's own message says which
+        print(f"rwkv-generate: error: tokenizer {spec!r}: {e}", file=sys.stderr)
+        return 2
     model = loaded.model
     if args.score:
         path = Path(args.score)
