@@ -29,7 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
-PROMPT = "ROMEO.\n"
+# A scene opening in the corpus's layout, so the sample continues with dialogue.
+PROMPT = "SCENE II. Verona. A street.\n\n[Enter ROMEO and MERCUTIO]\n\nROMEO:\n"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
@@ -154,12 +155,14 @@ class Streamed:
     """A child process whose output is echoed live and appended to a log (read on a thread, so the
     caller can watch for other things meanwhile)."""
 
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str]) -> None:
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str], stdout_only: bool = False) -> None:
         show(cmd)
         log.parent.mkdir(parents=True, exist_ok=True)
         self.cmd, self.log = cmd, log
+        # stdout_only: stderr (progress bars) goes straight to the terminal, stdout alone is kept
+        stderr = None if stdout_only else subprocess.STDOUT
         self.proc = subprocess.Popen(
-            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=REPO
         )
         self.chunks: list[bytes] = []
         self.thread = threading.Thread(target=self._pump, daemon=True)
@@ -188,9 +191,9 @@ class Streamed:
         return DemoError(f"command failed with exit status {rc} (log: {self.log}):\n  {cmd}")
 
 
-def run(cmd: list[str], log: Path, env: dict[str, str]) -> str:
+def run(cmd: list[str], log: Path, env: dict[str, str], stdout_only: bool = False) -> str:
     """Run cmd, echoing its output live and into `log`; return the output. Raise on failure."""
-    child = Streamed(cmd, log, env)
+    child = Streamed(cmd, log, env, stdout_only)
     rc = child.wait()
     if rc != 0:
         raise child.failure(rc)
@@ -440,29 +443,10 @@ def convert(s: Settings, env: dict[str, str], kind: str) -> None:
 
 
 def generate(s: Settings, env: dict[str, str]) -> None:
-    out = run(
-        [
-            sys.executable,
-            "-m",
-            "launch.generate",
-            "--weights",
-            s.rwkv_weights,
-            "--tokenizer",
-            s.tokenizer,
-            "--prompt",
-            PROMPT,
-            "--max-tokens",
-            str(s.sample_tokens),
-            "--temperature",
-            "0.8",
-            "--top-p",
-            "0.85",
-            "--seed",
-            "7",
-        ],
-        s.out / "logs" / "generate.log",
-        env,
-    )
+    cmd = [sys.executable, "-m", "launch.generate", "--weights", s.rwkv_weights, "--tokenizer", s.tokenizer,
+           "--prompt", PROMPT, "--max-tokens", s.sample_tokens, "--temperature", "0.8", "--top-p", "0.85",
+           "--seed", "7"]  # fmt: skip
+    out = run(cmd, s.out / "logs" / "generate.log", env, stdout_only=True)
     s.sample.write_text(out, encoding="utf-8")
 
 
@@ -625,8 +609,7 @@ def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
         print(f"  {label:26s} {rel(path)}{'' if path.exists() else '  (missing)'}")
     print(f"\nTensorBoard:  tensorboard --logdir {rel(s.run_dir / 'tb')}")
     print(
-        f"Generate:     {sys.executable} -m launch.generate --weights {rel(s.rwkv_weights)} "
-        f"--prompt {shlex.quote(PROMPT.strip())}"
+        f"Generate:     {sys.executable} -m launch.generate --weights {rel(s.rwkv_weights)} --prompt 'ROMEO:'"
     )
 
 
