@@ -274,3 +274,30 @@ def test_hf_directory_converts_back_to_the_same_weights(source, tmp_path):
     want = source["model"].state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads(back.with_suffix(".json").read_text())["model"]["ctx_len"] == source["cfg"].ctx_len
+
+
+def test_rescale_every_zero_survives_transformers_inference_and_resave(tmp_path):
+    """transformers' default rescale_every=6 divides weights in place at inference; a model saved
+    after that holds divided weights and is divided again on the next load. Ours writes 0."""
+    from transformers import RwkvForCausalLM
+
+    cfg = ModelConfig(n_layer=12, n_embd=64, vocab_size=300, ctx_len=64, wkv_backend="reference")
+    torch.manual_seed(0)
+    model = perturb(RWKV(cfg)).eval()
+    src = tmp_path / "m12.pt"
+    torch.save(model.state_dict(), src)
+    ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(0))
+    ours = our_logits(model, ids)
+    diffs = {}
+    for rescale in (0, 6):
+        hf_dir = tmp_path / f"hf{rescale}"
+        assert run_convert("--input", src, "--to", "hf", "--output", hf_dir) == 0
+        cfg_file = hf_dir / "config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "rescale_every": rescale}))
+        hf = RwkvForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        with torch.no_grad():
+            hf(ids.unsqueeze(0))  # an inference call: rescales in place when rescale_every > 0
+        hf.save_pretrained(str(tmp_path / f"resaved{rescale}"))
+        diffs[rescale] = (hf_logits(tmp_path / f"resaved{rescale}", ids) - ours).abs().max().item()
+    assert diffs[0] <= FP32_TOL
+    assert diffs[6] > 0.1  # measured 2.18
