@@ -156,33 +156,38 @@ class WorldTokenizer(Tokenizer):
     def __init__(self):
         path = world_vocab_path()
         self.spec = WORLD_SPEC
-        try:
-            from pyrwkv_tokenizer import WorldTokenizer as _Rust
-
-            self._rust = _Rust(str(path))
-            self._trie = None
-        except ImportError:
-            from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-
-            self._rust = None
-            self._trie = TRIE_TOKENIZER(str(path))
         self._path = path
+        self._encoder = None  # built on first encode: the process that only writes files never needs it
         self._pieces: dict[int, bytes] | None = None  # read on first decode
         self.vocab_size = WORLD_VOCAB_SIZE
         self.eod_id = 0
         self.identity = _file_identity(self.kind, path)
 
+    def _encoder_obj(self):
+        if self._encoder is None:
+            try:
+                from pyrwkv_tokenizer import WorldTokenizer as _Rust
+
+                self._encoder = _Rust(str(self._path))
+            except ImportError:
+                from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+                self._encoder = TRIE_TOKENIZER(str(self._path))
+        return self._encoder
+
     @property
     def backend(self) -> str:
-        return "pyrwkv_tokenizer" if self._rust is not None else "rwkv.rwkv_tokenizer"
+        trie = type(self._encoder_obj()).__name__ == "TRIE_TOKENIZER"
+        return "rwkv.rwkv_tokenizer" if trie else "pyrwkv_tokenizer"
 
     def encode(self, text: str) -> list[int]:
-        return self._rust.encode(text) if self._rust is not None else self._trie.encode(text)
+        return self._encoder_obj().encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._rust is not None:
-            return self._rust.encode_batch(texts)
-        return [self._trie.encode(t) for t in texts]
+        enc = self._encoder_obj()
+        if hasattr(enc, "encode_batch"):
+            return enc.encode_batch(texts)
+        return [enc.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         if self._pieces is None:
