@@ -81,7 +81,6 @@ if [ "$no_ssh" = 1 ]; then
   fi
 else
   # The ssh runner forwards only a few variable prefixes by itself: write the rest to its env file.
-  env_file="${DS_ENV_FILE:-$(mktemp "${TMPDIR:-/tmp}/rwkv-deepspeed-env.XXXXXX")}"
   mapfile -t cmd < <(launcher_cmd "")
   if rwkv_dry_run; then
     printf 'launcher host=%s:' "$(hostname)"
@@ -92,6 +91,7 @@ else
       rwkv_node_cmd "$i" "${hosts[$i]}" "${node[@]}"
     done
   else
+    env_file="${DS_ENV_FILE:-$(mktemp "${TMPDIR:-/tmp}/rwkv-deepspeed-env.XXXXXX")}"
     rwkv_write_ds_env_file "$env_file"
     echo "[launch] ${#hosts[@]} nodes from $hostfile, master $master_addr:$master_port" >&2
     "${cmd[@]}"
