@@ -101,7 +101,10 @@ def setup_environment() -> DistEnv:
         MASTER_ADDR=d.master_addr,
         MASTER_PORT=str(d.master_port),
     )
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(d.world_size)))
+    # SLURM writes e.g. "8(x2)" for 8 tasks on each of 2 nodes.
+    per_node = re.match(r"\d+", os.environ.get("SLURM_NTASKS_PER_NODE", ""))
+    per_node = per_node if d.launcher == "slurm" else None
+    os.environ.setdefault("LOCAL_WORLD_SIZE", per_node.group(0) if per_node else str(d.world_size))
     return d
 
 

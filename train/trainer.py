@@ -183,7 +183,10 @@ class Trainer:
         if universal:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = RWKV(p.model_cfg)
+        # Built on the rank's own device: a 14B model in fp32 is 56 GB, too much to build on the
+        # host once per GPU process.
+        with torch.device(self.device):
+            model = RWKV(p.model_cfg)
         self.n_params = sum(x.numel() for x in model.parameters())
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layerwise_lr)
         if cfg.optim.name == "torch_adamw":
