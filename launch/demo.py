@@ -26,6 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
@@ -123,11 +127,14 @@ def demo_settings(args: argparse.Namespace) -> Settings:
     if args.steps:
         s.train_sets.append(f"train.steps={args.steps}")
     s.train_sets += list(args.set or [])
-    s.steps = run_config(s).train.steps
+    cfg = run_config(s)
+    if not 0 < cfg.checkpoint.every < cfg.train.steps:  # keep a checkpoint to interrupt after
+        s.train_sets.append(f"checkpoint.every={max(1, cfg.train.steps // 3)}")
+    s.steps = cfg.train.steps
     return s
 
 
-def run_config(s: Settings):  # noqa: ANN201 - train.run_config.RunConfig, imported lazily
+def run_config(s: Settings) -> RunConfig:
     from train.run_config import load_run_config
 
     return load_run_config(DEMO_CONFIG, train_overrides(s))
