@@ -278,3 +278,20 @@ def test_flat_output_matches_sizes(demo_shards):
     m = load_manifest(demo_shards)
     ds = MMapIndexedDataset(m["shards"][1]["prefix"])
     assert np.array_equal(np.asarray(ds.tokens), np.concatenate([ds[i] for i in range(len(ds))]))
+
+
+def test_multi_frame_zst_and_plain_jsonl(tmp_path, demo_corpus, demo_tokenizer):
+    records = read_jsonl_zst(demo_corpus[1])[:30]
+    lines = [json.dumps(r).encode() for r in records]
+    cctx = zstandard.ZstdCompressor()
+    # Three independent frames back to back, the way some tools write large files.
+    frames = [cctx.compress(b"\n".join(lines[a:b]) + b"\n") for a, b in ((0, 10), (10, 11), (11, 30))]
+    (tmp_path / "multi.jsonl.zst").write_bytes(b"".join(frames))
+    (tmp_path / "plain.jsonl").write_bytes(b"\n".join(lines))
+    a = prep(tmp_path, "a", inputs=[str(tmp_path / "multi.jsonl.zst")], tokenizer=demo_tokenizer, workers=1)
+    b = prep(tmp_path, "b", inputs=[str(tmp_path / "plain.jsonl")], tokenizer=demo_tokenizer, workers=1)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=demo_tokenizer)
+    expected = [sp.encode(r["text"]) + [0] for r in records]
+    assert all_tokens(a) == expected == all_tokens(b)

@@ -157,3 +157,26 @@ def test_unreadable_files_are_named(tmp_path):
     other.write_text("x")
     with pytest.raises(ValueError, match="vocab.txt"):
         load_tokenizer(other)
+
+
+def test_train_tokenizer_cli(tmp_path):
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+
+    lines = [f'{{"text": "Line {i} of a small corpus,\\nwith words that repeat: alpha beta gamma {i % 7}."}}'
+             for i in range(400)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "data_prep.train_tokenizer", "--input"]
+    r = subprocess.run([*cmd, str(tmp_path / "c.jsonl"),
+                        "--model-prefix", str(tmp_path / "tok"), "--vocab-size", "300"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    assert sp.get_piece_size() == 300 and sp.eos_id() == 0 and sp.id_to_piece(0) == "<|endoftext|>"
+    text = "Line 3 of a small corpus,\nwith  unseen words: Zürich ✓"
+    assert sp.decode(sp.encode(text)) == text
+    r = subprocess.run([*cmd, str(tmp_path / "no.jsonl"),
+                        "--model-prefix", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no.jsonl" in r.stderr
