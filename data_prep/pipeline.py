@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import sys
 import time
@@ -198,27 +199,29 @@ def _chunks(records: Iterator[Any]) -> Iterator[tuple[list[Any], int]]:
         yield chunk, nbytes
 
 
-def _segment_records(segments: list[dict], s: PrepSettings) -> Iterator[Any]:
+def _segment_records(segments: list[dict], text_key: str, txt_mode: str) -> Iterator[Any]:
     for seg in segments:
-        yield from islice(iter_records(seg["path"], s.text_key, s.txt_mode), seg["start"], seg["stop"])
+        yield from islice(iter_records(seg["path"], text_key, txt_mode), seg["start"], seg["stop"])
 
 
 class _Runner:
     """Runs encode_chunk inline (one worker) or in a process pool, in order, with bounded lookahead."""
 
     def __init__(self, s: PrepSettings, dtype: np.dtype):
-        options = {"text_key": s.text_key, "append_eod": s.append_eod, "dtype": dtype,
-                   "include": set(s.include_sets or ()), "exclude": set(s.exclude_sets or ())}
+        options = {"text_key": s.text_key, "txt_mode": s.txt_mode, "append_eod": s.append_eod,
+                   "dtype": dtype, "include": set(s.include_sets or ()), "exclude": set(s.exclude_sets or ())}
         self.workers = max(1, s.workers)
-        init_args = (s.tokenizer, s.eod_token, options, self.workers > 1)
         self.pool = None
+        self.progress = None
         if self.workers > 1:
             # spawn: workers start clean (no inherited threads or tokenizer pools) and are our children,
             # so their resource usage is accounted to this process.
-            method = "spawn"
-            self.pool = mp.get_context(method).Pool(self.workers, _init_worker, init_args)
+            ctx = mp.get_context("spawn")
+            self.progress = ctx.Queue()  # per-chunk counts from workers that write whole shards
+            options["progress"] = self.progress
+            self.pool = ctx.Pool(self.workers, _init_worker, (s.tokenizer, s.eod_token, options, True))
         else:
-            _init_worker(*init_args)
+            _init_worker(s.tokenizer, s.eod_token, options, False)
 
     def map_ordered(self, fn, items: Iterator[Any], lookahead: int | None = None) -> Iterator[tuple]:
         """(item's tag, fn(item's payload)) in input order; items are (payload, tag)."""
@@ -308,24 +311,28 @@ def run_prep(s: PrepSettings) -> dict:
     try:
         scans, bad_files = _scan(runner, files, s, state_dir)
         plan = plan_shards(scans, s.shards, s.max_documents)
-        results, resumed = [], 0
         total_records = sum(seg["stop"] - seg["start"] for segs in plan for seg in segs)
-        bar = tqdm(total=total_records, unit="rec", desc="tokenize", disable=not s.progress,
-                   file=sys.stderr, smoothing=0.1)
-        totals = {"docs": 0, "bytes": 0, "tokens": 0, "t": time.time()}
+        progress = _Progress(total_records, s.progress)
+        results: dict[int, dict] = {}
+        todo: dict[int, tuple] = {}
         for k, segs in enumerate(plan):
             prefix = shard_prefix(out_prefix, s.shards, k)
             state_file = state_dir / f"shard_{k:05d}.json"
             done = _shard_complete(state_file, prefix, fingerprint)
             if done is not None:
-                resumed += 1
-                bar.update(done["records"])
+                results[k] = done
+                progress.bar.update(done["records"])
             else:
-                done = _write_shard(runner, segs, prefix, dtype, s, bar, totals)
-                done["fingerprint"] = fingerprint
-                write_json_atomic(state_file, done)
-            results.append(done)
-        bar.close()
+                todo[k] = (segs, prefix, state_file, fingerprint)
+        resumed = len(results)
+        # With at least as many shards as workers, each worker makes whole shards, so no single
+        # process reads everything; otherwise this process reads and the workers share each shard.
+        if runner.pool is not None and s.shards >= runner.workers:
+            results.update(_shards_in_parallel(runner, todo, progress))
+        else:
+            results.update(_shards_one_by_one(runner, todo, dtype, s, progress))
+        results = [results[k] for k in range(len(plan))]
+        progress.bar.close()
         ok = True
     finally:
         runner.close(ok)
@@ -370,15 +377,15 @@ def _bad_file_error(res: dict) -> ValueError:
     return ValueError(res["error"] + " (use --skip-bad-files to leave this file out and go on)")
 
 
-def _write_shard(runner: _Runner, segs: list[dict], prefix: str, dtype: np.dtype, s: PrepSettings,
-                 bar: tqdm, totals: dict) -> dict:
+def _fill_shard(results: Iterator[tuple[tuple[int, int], dict]], prefix: str, dtype: np.dtype,
+                on_chunk) -> dict:
+    """Append encoded chunks, in order, to a new shard; returns the shard's counts."""
     writer = BinIdxWriter(prefix, dtype)
     skipped: Counter = Counter()
     sets: dict[str, dict] = {}
     records = nbytes = 0
     try:
-        items = ((chunk, (len(chunk), nb)) for chunk, nb in _chunks(_segment_records(segs, s)))
-        for (n_rec, nb), res in runner.map_ordered(encode_chunk, items):
+        for (n_rec, nb), res in results:
             writer.add_documents(res["tokens"], res["sizes"])
             skipped.update(res["skipped"])
             for name, (d, t) in res["sets"].items():
@@ -387,20 +394,80 @@ def _write_shard(runner: _Runner, segs: list[dict], prefix: str, dtype: np.dtype
                 slot["tokens"] += t
             records += n_rec
             nbytes += nb
-            totals["docs"] += len(res["sizes"])
-            totals["bytes"] += nb
-            totals["tokens"] += int(res["tokens"].size)
-            bar.update(n_rec)
-            r = _rates(totals["docs"], totals["bytes"], totals["tokens"], time.time() - totals["t"])
-            bar.set_postfix_str(f"{r['docs_per_s']:.0f} docs/s {r['mb_per_s']:.2f} MB/s "
-                                f"{r['tokens_per_s']:.0f} tok/s", refresh=False)
+            on_chunk(n_rec, nb, len(res["sizes"]), int(res["tokens"].size))
         writer.finish()
     except BaseException:
         writer.abort()
         raise
     return {"prefix": prefix, "documents": writer.documents, "tokens": writer.tokens, "records": records,
-            "bytes": nbytes, "skipped": dict(sorted(skipped.items())), "pile_set_names": sets,
-            "inputs": segs}
+            "bytes": nbytes, "skipped": dict(sorted(skipped.items())), "pile_set_names": sets}
+
+
+def _tagged_chunks(segs: list[dict], text_key: str, txt_mode: str) -> Iterator[tuple[list, tuple[int, int]]]:
+    return ((chunk, (len(chunk), nb)) for chunk, nb in _chunks(_segment_records(segs, text_key, txt_mode)))
+
+
+def _shard_job(args: tuple) -> dict:
+    """Worker side of shard-parallel mode: read, encode and write one whole shard."""
+    segs, prefix, state_file, fingerprint = args
+    q = _W.get("progress")
+    chunks = _tagged_chunks(segs, _W["text_key"], _W["txt_mode"])
+    done = _fill_shard(((tag, encode_chunk(c)) for c, tag in chunks), prefix, _W["dtype"],
+                       lambda *counts: q.put(counts) if q is not None else None)
+    done.update(inputs=segs, fingerprint=fingerprint)
+    write_json_atomic(state_file, done)
+    return done
+
+
+class _Progress:
+    """The tokenize bar: records done, with docs/s, MB/s and tokens/s since the start."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, unit="rec", desc="tokenize", disable=not enabled, file=sys.stderr,
+                        smoothing=0.1)
+        self.docs = self.bytes = self.tokens = 0
+        self.t0 = time.time()
+
+    def chunk(self, n_rec: int, nb: int, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.bytes += nb
+        self.tokens += tokens
+        self.bar.update(n_rec)
+        r = _rates(self.docs, self.bytes, self.tokens, time.time() - self.t0)
+        self.bar.set_postfix_str(f"{r['docs_per_s']:.0f} docs/s {r['mb_per_s']:.2f} MB/s "
+                                 f"{r['tokens_per_s']:.0f} tok/s", refresh=False)
+
+
+def _shards_one_by_one(runner: _Runner, todo: dict[int, tuple], dtype: np.dtype, s: PrepSettings,
+                       progress: _Progress) -> dict[int, dict]:
+    """Chunk-parallel mode: this process reads each shard in turn, the workers encode its chunks."""
+    out = {}
+    for k, (segs, prefix, state_file, fingerprint) in todo.items():
+        items = _tagged_chunks(segs, s.text_key, s.txt_mode)
+        done = _fill_shard(runner.map_ordered(encode_chunk, items), prefix, dtype, progress.chunk)
+        done.update(inputs=segs, fingerprint=fingerprint)
+        write_json_atomic(state_file, done)
+        out[k] = done
+    return out
+
+
+def _shards_in_parallel(runner: _Runner, todo: dict[int, tuple], progress: _Progress) -> dict[int, dict]:
+    """Shard-parallel mode: each worker reads, encodes and writes whole shards; no single reader."""
+    pending = {k: runner.pool.apply_async(_shard_job, (args,)) for k, args in todo.items()}
+    out: dict[int, dict] = {}
+    while pending:
+        try:
+            progress.chunk(*runner.progress.get(timeout=0.2))
+        except queue.Empty:
+            pass
+        for k in [k for k, r in pending.items() if r.ready()]:
+            out[k] = pending.pop(k).get()  # re-raises a worker's error here
+    while True:  # counts still queued after the last shard finished
+        try:
+            progress.chunk(*runner.progress.get(timeout=0.05))
+        except queue.Empty:
+            break
+    return out
 
 
 def _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, fingerprint, seconds,

@@ -84,10 +84,12 @@ def test_demo_shards_hold_the_tokenizers_own_encoding(demo_shards, demo_corpus, 
 
 
 def test_identical_bytes_for_any_worker_count(tmp_path, demo_corpus, demo_tokenizer):
-    one = prep(tmp_path, "w1", inputs=demo_corpus, tokenizer=demo_tokenizer, workers=1, shards=3)
-    two = prep(tmp_path, "w2", inputs=demo_corpus, tokenizer=demo_tokenizer, workers=2, shards=3)
-    assert shard_bytes(one) == shard_bytes(two)
-    assert len(shard_bytes(one)) == 3
+    # 1 worker: inline; 2 workers, 3 shards: each worker writes whole shards; 4 workers: this
+    # process reads, the workers share each shard's chunks.
+    runs = [prep(tmp_path, f"w{w}", inputs=demo_corpus, tokenizer=demo_tokenizer, workers=w, shards=3)
+            for w in (1, 2, 4)]
+    assert shard_bytes(runs[0]) == shard_bytes(runs[1]) == shard_bytes(runs[2])
+    assert len(shard_bytes(runs[0])) == 3
 
 
 def test_hf_tokenizer_with_workers_no_eod_and_set_filters(tmp_path, demo_corpus, hf_tokenizer_json):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from data_prep.binidx import MMapIndexedDataset
 from data_prep.pipeline import PrepSettings, run_prep
@@ -15,10 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARDS = 12
 
 
-def _start(demo_corpus, tokenizer, prefix) -> subprocess.Popen:
+def _start(demo_corpus, tokenizer, prefix, workers=1) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "data_prep", "--input", *demo_corpus, "--tokenizer", tokenizer,
-           "--output-prefix", str(prefix), "--shards", str(SHARDS), "--workers", "1", "--no-progress"]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--output-prefix", str(prefix), "--shards", str(SHARDS), "--workers", str(workers),
+           "--no-progress"]
+    # Own process group: a kill reaches the job and its workers, as when a node or a batch job dies.
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _wait_for_first_shard(proc: subprocess.Popen, state_dir: Path) -> None:
@@ -34,13 +40,14 @@ def _shard_files(prefix: Path, k: int) -> tuple[Path, Path]:
     return Path(p + ".bin"), Path(p + ".idx")
 
 
-def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_tokenizer):
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "shard-per-worker"])
+def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_tokenizer, workers):
     run_prep(PrepSettings(inputs=demo_corpus, tokenizer=demo_tokenizer, output_prefix=str(tmp_path / "ref"),
-                          shards=SHARDS, workers=2, progress=False))
+                          shards=SHARDS, workers=1, progress=False))
     prefix = tmp_path / "job"
-    proc = _start(demo_corpus, demo_tokenizer, prefix)
+    proc = _start(demo_corpus, demo_tokenizer, prefix, workers)
     _wait_for_first_shard(proc, Path(f"{prefix}.prep-state"))
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not Path(f"{prefix}.manifest.json").exists(), "the job finished before it could be killed"
 
@@ -56,7 +63,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_toke
             assert k not in finished
     kept_mtimes = {k: _shard_files(prefix, k)[0].stat().st_mtime_ns for k in finished}
 
-    out, err = _start(demo_corpus, demo_tokenizer, prefix).communicate(timeout=300)
+    out, err = _start(demo_corpus, demo_tokenizer, prefix, workers).communicate(timeout=300)
     assert f"{len(finished)} shard(s) kept from an earlier run" in err
     for k in range(SHARDS):
         for ours, ref in zip(_shard_files(prefix, k), _shard_files(tmp_path / "ref", k), strict=True):
@@ -70,7 +77,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, demo_corpus, demo_tokenizer):
     prefix = tmp_path / "job"
     proc = _start(demo_corpus, demo_tokenizer, prefix)
     _wait_for_first_shard(proc, Path(f"{prefix}.prep-state"))
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "re-run the same command to resume" in err
