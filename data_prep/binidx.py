@@ -71,9 +71,9 @@ class BinIdxWriter:
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp = Path(f"{bin_path(self.prefix)}.tmp")
         self._idx_tmp = Path(f"{idx_path(self.prefix)}.tmp")
-        self._bin = open(self._bin_tmp, "wb")
         self._sizes = array("q")
         self.tokens = 0
+        self._bin = open(self._bin_tmp, "wb")  # last: an interrupted constructor leaves nothing open
 
     def add_document(self, tokens: np.ndarray | list[int]) -> None:
         arr = np.asarray(tokens, dtype=self.dtype)

@@ -380,11 +380,12 @@ def _bad_file_error(res: dict) -> ValueError:
 def _fill_shard(results: Iterator[tuple[tuple[int, int], dict]], prefix: str, dtype: np.dtype,
                 on_chunk) -> dict:
     """Append encoded chunks, in order, to a new shard; returns the shard's counts."""
-    writer = BinIdxWriter(prefix, dtype)
     skipped: Counter = Counter()
     sets: dict[str, dict] = {}
     records = nbytes = 0
+    writer = None
     try:
+        writer = BinIdxWriter(prefix, dtype)
         for (n_rec, nb), res in results:
             writer.add_documents(res["tokens"], res["sizes"])
             skipped.update(res["skipped"])
@@ -396,8 +397,9 @@ def _fill_shard(results: Iterator[tuple[tuple[int, int], dict]], prefix: str, dt
             nbytes += nb
             on_chunk(n_rec, nb, len(res["sizes"]), int(res["tokens"].size))
         writer.finish()
-    except BaseException:
-        writer.abort()
+    except BaseException:  # Ctrl-C included: leave no .tmp behind
+        if writer is not None:
+            writer.abort()
         raise
     return {"prefix": prefix, "documents": writer.documents, "tokens": writer.tokens, "records": records,
             "bytes": nbytes, "skipped": dict(sorted(skipped.items())), "pile_set_names": sets}

@@ -27,9 +27,9 @@ def _start(demo_corpus, tokenizer, prefix, workers=1) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for_first_shard(proc: subprocess.Popen, state_dir: Path) -> None:
+def _wait_for_two_shards(proc: subprocess.Popen, state_dir: Path) -> None:
     deadline = time.time() + 120
-    while not (state_dir / "shard_00001.json").exists():
+    while len(list(state_dir.glob("shard_*.json"))) < 2:
         assert proc.poll() is None, proc.communicate()[1]
         assert time.time() < deadline
         time.sleep(0.005)
@@ -46,7 +46,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_toke
                           shards=SHARDS, workers=1, progress=False))
     prefix = tmp_path / "job"
     proc = _start(demo_corpus, demo_tokenizer, prefix, workers)
-    _wait_for_first_shard(proc, Path(f"{prefix}.prep-state"))
+    _wait_for_two_shards(proc, Path(f"{prefix}.prep-state"))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not Path(f"{prefix}.manifest.json").exists(), "the job finished before it could be killed"
@@ -76,7 +76,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_toke
 def test_ctrl_c_stops_cleanly(tmp_path, demo_corpus, demo_tokenizer):
     prefix = tmp_path / "job"
     proc = _start(demo_corpus, demo_tokenizer, prefix)
-    _wait_for_first_shard(proc, Path(f"{prefix}.prep-state"))
+    _wait_for_two_shards(proc, Path(f"{prefix}.prep-state"))
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
