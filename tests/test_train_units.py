@@ -237,3 +237,30 @@ def test_shipped_configs_load_and_split_their_batch(path):
         assert cfg.train.grad_accum * cfg.train.micro_batch_size * world == (
             cfg.train.global_batch_size or cfg.train.micro_batch_size * world * cfg.train.grad_accum)
         cfg.train.grad_accum = 1
+
+
+def test_cli_reports_config_errors_with_exit_status_2(demo_shards):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["DS_ACCELERATOR"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(TINY), "--set", f"data.manifests=[{demo_shards}]",
+         "--set", "model.vocab_size=1000"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "config error" in out.stderr and "vocab_size is 1000" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_validation_batches_equal_on_every_rank(demo_shards):
+    data = TokenWindows([Path(demo_shards)], ctx_len=64, val_documents=8)
+    for world, micro in ((2, 1), (3, 2), (7, 4)):
+        shapes = [[tuple(b.shape) for b in data.val_batches(r, world, micro, 10_000)] for r in range(world)]
+        assert all(s == shapes[0] for s in shapes)
+        rows = {tuple(x.tolist()) for r in range(world) for b in data.val_batches(r, world, micro, 10_000)
+                for x in b}
+        assert len(rows) == (data.n_val_windows // world) * world

@@ -170,9 +170,11 @@ class TokenWindows:
 
     # ------------------------------------------------------------------------------------ validation
     def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
-        """This rank's share of the validation windows: up to max_batches micro-batches."""
+        """This rank's share of the validation windows: up to max_batches micro-batches, the same
+        number and sizes on every rank (ZeRO 3 gathers weights collectively in each forward)."""
         ctx = self.ctx_len
-        ids = list(range(rank, self.n_val_windows, world))[: max_batches * micro_batch]
+        usable = (self.n_val_windows // world) * world
+        ids = list(range(rank, usable, world))[: max_batches * micro_batch]
         out = []
         for i in range(0, len(ids), micro_batch):
             rows = [np.asarray(self.val_tokens[k * ctx : k * ctx + ctx + 1], dtype=np.int64)
