@@ -9,6 +9,7 @@
 #
 # Arguments after `--` go to `python -m train`. Environment: launch/env.sh.
 set -euo pipefail
+# shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }

@@ -3,6 +3,7 @@
 # (see slurm.sbatch); it maps SLURM's task numbering onto the variables torch.distributed reads
 # and starts the trainer. MASTER_ADDR / MASTER_PORT come from the sbatch script.
 set -euo pipefail
+# shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 for v in SLURM_PROCID SLURM_NTASKS SLURM_LOCALID MASTER_ADDR; do
