@@ -272,6 +272,36 @@ class Trainer:
         )
         self.log(f"saved checkpoint {path}")
 
+    def _optimizer_step(self, step: int, lr: float) -> tuple[float, bool]:
+        """Micro-batches of optimizer step `step` (0-based) through the engine.
+
+        Returns (mean loss over ranks and micro-batches, whether the step was skipped because some
+        rank saw a non-finite loss)."""
+        t, data, engine = self.cfg.train, self.plan.data, self.engine
+        apply_lr(self.optimizer, lr)
+        loss_sum, bad = 0.0, False
+        for micro in range(t.grad_accum):
+            batch = data.batch(step, micro, self.rank, self.world, t.micro_batch_size, t.grad_accum)
+            batch = batch.to(self.device)
+            logits = engine(batch[:, :-1])
+            loss, ce = lm_loss(logits, batch[:, 1:], t.l2wrap)
+            if (step + 1) in t.fault_nan_steps:
+                loss = loss * float("nan")
+            value = float(loss.detach())
+            finite = math.isfinite(value)
+            total, n_bad = _all_reduce([value if finite else 0.0, 0.0 if finite else 1.0])
+            bad = bad or n_bad > 0
+            if bad:
+                # Keep DeepSpeed's collectives and accumulation counters in step with a
+                # zero-gradient backward; lr 0 turns the update into a no-op.
+                engine.backward(ce * 0.0)
+                apply_lr(self.optimizer, 0.0)
+            else:
+                engine.backward(loss)
+                loss_sum += total
+            engine.step()
+        return loss_sum / (self.world * t.grad_accum), bad
+
     def train(self) -> None:
         cfg, t, o = self.cfg, self.cfg.train, self.cfg.optim
         distributed.init_process_group(self.denv)
@@ -291,7 +321,7 @@ class Trainer:
         decay_tokens = o.decay_tokens or max(1, t.steps * tokens_per_step - o.warmup_tokens)
         flops_per_token = self.plan.model_cfg.flops_per_token(t.ctx_len)
         peak = peak_tflops(cfg.log.peak_tflops)
-        data, engine = self.plan.data, self.engine
+        engine = self.engine
         nan_skips = 0
         last_good = True
         bar = None
@@ -305,29 +335,7 @@ class Trainer:
                 lr = lr_at(
                     tokens + tokens_per_step, o.lr_init, o.lr_final, o.warmup_tokens, decay_tokens, o.decay
                 )
-                apply_lr(self.optimizer, lr)
-                loss_sum, bad = 0.0, False
-                for micro in range(t.grad_accum):
-                    batch = data.batch(step, micro, self.rank, self.world, t.micro_batch_size, t.grad_accum)
-                    batch = batch.to(self.device)
-                    logits = engine(batch[:, :-1])
-                    loss, ce = lm_loss(logits, batch[:, 1:], t.l2wrap)
-                    if (step + 1) in t.fault_nan_steps:
-                        loss = loss * float("nan")
-                    value = float(loss.detach())
-                    finite = math.isfinite(value)
-                    total, n_bad = _all_reduce([value if finite else 0.0, 0.0 if finite else 1.0])
-                    if n_bad > 0:
-                        bad = True
-                    if bad:
-                        # Keep DeepSpeed's collectives and accumulation counters in step with a
-                        # zero-gradient backward; lr 0 below turns the update into a no-op.
-                        engine.backward(ce * 0.0)
-                        apply_lr(self.optimizer, 0.0)
-                    else:
-                        engine.backward(loss)
-                        loss_sum += total
-                    engine.step()
+                loss_mean, bad = self._optimizer_step(step, lr)
                 step += 1
                 if bad:
                     nan_skips += 1
@@ -347,7 +355,7 @@ class Trainer:
                 tps = tokens_per_step / dt
                 record: dict[str, Any] = {
                     "step": step,
-                    "loss": loss_sum / (self.world * t.grad_accum),
+                    "loss": loss_mean,
                     "lr": lr,
                     "tokens": tokens,
                     "tokens_per_s": tps,
