@@ -30,7 +30,11 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/prep.py && $(PY) bench/wkv.py && $(PY) bench/model.py && $(PY) bench/train.py
+	$(PY) bench/prep.py
+	$(PY) bench/wkv.py --threads 1
+	$(PY) bench/model.py
+	$(PY) bench/train.py
+	$(PY) bench/convert_memory.py --preset 169m
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
