@@ -8,7 +8,7 @@ document with the MMIDIDX builder. Both runs must write identical tokens.
     python bench/prep.py                      # HF byte-level BPE, 2 workers, demo corpus x4
     python bench/prep.py --tokenizer sp --repeat 8 --workers 2
 
-Also measures peak memory (max RSS of the main process and of any worker) of our
+Also measures peak memory (resident memory of the main process, and of the largest worker) of our
 pipeline on the corpus x1 and x`--repeat`, to show that memory does not grow with input size.
 """
 
@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -102,23 +103,69 @@ def neox_prep(paths: list[str], spec: str, prefix: str, workers: int) -> None:
 
 # ---------------------------------------------------------------- one measured job (own process)
 
+def _rss_kb(pid: int | str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class ChildRSS:
+    """Samples the resident memory of this process's children (the workers) every 50 ms.
+
+    getrusage's ru_maxrss would not do: Linux carries it across fork and exec, so it would
+    include the memory of whichever process started the job.
+    """
+
+    def __init__(self):
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(0.05):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = f.read().rsplit(")", 1)[1].split()[1]
+                except OSError:
+                    continue
+                if ppid == me:
+                    self.peak_kb = max(self.peak_kb, _rss_kb(pid, "VmRSS"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb
+
+
 def job(kind: str, paths: list[str], spec: str, prefix: str, workers: int) -> None:
+    children = ChildRSS()
     t0 = time.perf_counter()
     if kind == "neox":
         neox_prep(paths, spec, prefix, workers)
     else:
         from data_prep.pipeline import PrepSettings, run_prep
 
+        # "ours": one output file, this process reads and the workers encode chunks;
+        # "ours_sharded": one shard per worker, each worker reads, encodes and writes its own.
+        shards = workers if kind == "ours_sharded" else 1
         run_prep(PrepSettings(inputs=paths, tokenizer=spec, output_prefix=prefix, workers=workers,
-                              progress=False))
+                              shards=shards, progress=False))
     seconds = time.perf_counter() - t0
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({
         "seconds": seconds,
         "cpu_seconds": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
         "main_cpu_seconds": me.ru_utime + me.ru_stime,
-        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "rss_main_mb": _rss_kb("self", "VmHWM") / 1024,  # high-water mark of this process since exec
+        "rss_worker_mb": children.stop() / 1024,
     }))
 
 
@@ -222,6 +269,14 @@ def main() -> None:
             print(f"  identical .bin/.idx: {same}")
             print(f"  speedup (ours / gpt-neox), wall: {neox['seconds'] / ours['seconds']:.2f}x, "
                   f"CPU: {neox['cpu_seconds'] / ours['cpu_seconds']:.2f}x")
+            sharded = run_job("ours_sharded", large, spec, str(tmp / f"sharded_{kind}"), a.workers)
+            parts = b"".join((tmp / f"sharded_{kind}_{k:05d}.bin").read_bytes() for k in range(a.workers))
+            same_tokens = parts == (tmp / f"neox_{kind}.bin").read_bytes()
+            ok &= same_tokens
+            print(f"  ours, {a.workers} shards (a worker per shard): {rates(sharded, totals, tokens)}")
+            print(f"  same tokens as gpt-neox: {same_tokens}; speedup wall: "
+                  f"{neox['seconds'] / sharded['seconds']:.2f}x, "
+                  f"CPU: {neox['cpu_seconds'] / sharded['cpu_seconds']:.2f}x")
             if i == 0:
                 res = run_job("ours", small, spec, str(tmp / "ours_x1"), a.workers)
                 small_tokens = MMapIndexedDataset(tmp / "ours_x1").n_tokens
