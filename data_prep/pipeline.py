@@ -1,13 +1,16 @@
 """The prep run: plan shards over the input records, tokenize chunks in worker processes, write binidx.
 
 Why it is shaped this way:
-- One reader (this process) streams records in input order and hands out chunks;
-  workers parse JSON and batch-encode a whole chunk per call; results come back
-  in submission order. Output therefore does not depend on the worker count.
-- At most a few chunks per worker are in flight, so memory stays flat.
 - A first pass counts each file's records (and checksums it, for the manifest);
   shards are then fixed record ranges, so each shard is an independent unit
   of work that a re-run after a kill can skip when it is complete.
+- Workers parse JSON and batch-encode a whole chunk of records per call, and a
+  shard's chunks are always appended in input order, so the output does not
+  depend on the worker count.
+- Fewer shards than workers: this process reads each shard and hands its chunks
+  out (at most a few per worker in flight, so memory stays flat). At least as
+  many shards as workers: each worker reads, encodes and writes whole shards,
+  so no single process has to read everything.
 """
 
 from __future__ import annotations
