@@ -297,3 +297,18 @@ def test_multi_frame_zst_and_plain_jsonl(tmp_path, demo_corpus, demo_tokenizer):
     sp = spm.SentencePieceProcessor(model_file=demo_tokenizer)
     expected = [sp.encode(r["text"]) + [0] for r in records]
     assert all_tokens(a) == expected == all_tokens(b)
+
+
+def test_rwkv_world_shards_are_int32_and_match_the_rwkv_package(tmp_path, demo_corpus):
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from data_prep.tokenizer import world_vocab_path
+
+    man = prep(tmp_path, "world", inputs=[demo_corpus[0]], tokenizer="rwkv-world", workers=2, shards=2,
+               max_documents=12)
+    ref = TRIE_TOKENIZER(str(world_vocab_path()))
+    records = read_jsonl_zst(demo_corpus[0])[:12]
+    assert all_tokens(man) == [ref.encode(r["text"]) + [0] for r in records]
+    m = load_manifest(man)
+    assert m["dtype"] == "int32" and m["tokenizer"]["vocab_size"] == 65536
+    assert MMapIndexedDataset(m["shards"][0]["prefix"]).dtype == np.int32
