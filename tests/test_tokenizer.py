@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 
 import pytest
 
@@ -180,3 +181,13 @@ def test_train_tokenizer_cli(tmp_path):
     r = subprocess.run([*cmd, str(tmp_path / "no.jsonl"),
                         "--model-prefix", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no.jsonl" in r.stderr
+
+
+def test_rwkv_world_without_the_rust_package_falls_back_to_the_trie(monkeypatch):
+    from data_prep.tokenizer import WorldTokenizer
+
+    monkeypatch.setitem(sys.modules, "pyrwkv_tokenizer", None)  # makes the import fail
+    tok = WorldTokenizer()
+    ref_encode, _ = _world_reference()
+    assert tok.encode_batch(SAMPLES) == [ref_encode(t) for t in SAMPLES]
+    assert tok.backend == "rwkv.rwkv_tokenizer"
