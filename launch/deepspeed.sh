@@ -95,6 +95,6 @@ else
     env_file="${DS_ENV_FILE:-$(mktemp "${TMPDIR:-/tmp}/rwkv-deepspeed-env.XXXXXX")}"
     rwkv_write_ds_env_file "$env_file"
     echo "[launch] ${#hosts[@]} nodes from $hostfile, master $master_addr:$master_port" >&2
-    "${cmd[@]}"
+    exec "${cmd[@]}"
   fi
 fi

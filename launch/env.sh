@@ -74,7 +74,7 @@ rwkv_write_ds_env_file() {
 # True when dry-run was asked for, by DRY_RUN=1 or a --dry-run flag (scripts set DRY_RUN).
 rwkv_dry_run() { [ "${DRY_RUN:-0}" != "0" ] && [ -n "${DRY_RUN:-}" ]; }
 
-# rwkv_node_cmd RANK HOST CMD...: run CMD for this node, or in dry-run print one line
+# rwkv_node_cmd RANK HOST CMD...: exec CMD for this node, or in dry-run print one line
 #   node_rank=RANK host=HOST: CMD (shell-quoted)
 # which is the line a user would paste on HOST (and what the tests parse).
 rwkv_node_cmd() {
@@ -86,7 +86,7 @@ rwkv_node_cmd() {
     printf '\n'
   else
     echo "[launch] node_rank=$rank host=$host: $*" >&2
-    "$@"
+    exec "$@"  # the launcher's exit status is the script's; no shell left waiting
   fi
 }
 
