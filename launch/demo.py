@@ -148,6 +148,8 @@ def child_env(processes: int) -> dict[str, str]:
     (unless OMP_NUM_THREADS is set already)."""
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")  # the demo trains on CPU processes, GPU or not
+    if env["DS_ACCELERATOR"] == "cpu":
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")  # so no stage picks a GPU that DeepSpeed will not use
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
