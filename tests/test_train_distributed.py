@@ -103,6 +103,21 @@ def _train_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in _records(run_dir) if "loss" in r}
 
 
+def _last_step(run_dir: Path) -> int:
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 400))
+            tail = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
 def _complete(run_dir: Path, step: int) -> bool:
     return (run_dir / "checkpoints" / f"step{step}" / "complete.json").is_file()
 
@@ -114,14 +129,16 @@ def _kill_after(cmd: list[str], log: Path, run_dir: Path, min_step: int, min_ckp
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            steps = _train_records(run_dir)
-            if steps and max(steps) >= min_step and _complete(run_dir, min_ckpt):
+            # Cheap poll (the last record only): a few steps pass between the checkpoint and the
+            # next one, and the kill must land in between.
+            last = _last_step(run_dir)
+            if last >= min_step and _complete(run_dir, min_ckpt):
                 _kill_tree(proc)
                 return max(_train_records(run_dir))
             if proc.poll() is not None:
                 pytest.fail(f"run ended (exit {proc.returncode}) before it could be killed:\n"
                             f"{log.read_text()[-4000:]}")
-            time.sleep(0.02)
+            time.sleep(0.005)
     finally:
         if proc.poll() is None:
             _kill_tree(proc)
