@@ -7,10 +7,11 @@
 #   with --hosts h0,h1,...  the endpoint defaults to h0:$RDZV_PORT and node N's address to hN
 #   print each node's command instead of running: DRY_RUN=1 or --dry-run
 #
-# Without --node-rank the rendezvous assigns ranks. --local-addr pins the address this node
-# advertises (needed on multi-homed hosts); node 0 with --local-addr equal to the endpoint's
-# host also hosts the rendezvous store (is_host=1). Arguments after `--` go to
-# `python -m train`. Environment: launch/env.sh.
+# c10d assigns node ranks as nodes join; --node-rank N picks node N's address from --hosts and
+# which node hosts the rendezvous store (node 0 with --local-addr equal to the endpoint's host:
+# is_host=1; any other rank: is_host=0). --local-addr pins the address this node advertises
+# (needed on multi-homed hosts). Arguments after `--` go to `python -m train`.
+# Environment: launch/env.sh.
 set -euo pipefail
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -69,11 +70,14 @@ node_cmd() {  # the torchrun command line of node $1 (may be empty), advertising
   local cmd=("${TORCHRUN:-torchrun}" --nnodes "$nnodes" --nproc_per_node "$nproc"
     --rdzv_backend c10d --rdzv_endpoint "$endpoint" --rdzv_id "$rdzv_id" --max_restarts "$max_restarts")
   if [ -n "$rank" ]; then cmd+=(--node_rank "$rank"); fi
-  if [ -n "$addr" ]; then
-    cmd+=(--local_addr "$addr")
-    # The c10d store runs on the node that owns the endpoint; say so where auto-detection
-    # cannot tell (the endpoint is an address of a secondary interface).
-    if [ "$rank" = 0 ] && [ "$addr" = "${endpoint%:*}" ]; then cmd+=(--rdzv_conf is_host=1); fi
+  if [ -n "$addr" ]; then cmd+=(--local_addr "$addr"); fi
+  # The c10d store runs on node 0. Say so where auto-detection cannot tell: node 0's endpoint may
+  # be the address of a secondary interface, and another node on the same host (or one whose
+  # endpoint resolves locally) must not race node 0 for the port.
+  if [ "$rank" = 0 ] && [ -n "$addr" ] && [ "$addr" = "${endpoint%:*}" ]; then
+    cmd+=(--rdzv_conf is_host=1)
+  elif [ -n "$rank" ] && [ "$rank" != 0 ]; then
+    cmd+=(--rdzv_conf is_host=0)
   fi
   cmd+=(-m train "${train_args[@]}")
   printf '%s\n' "${cmd[@]}"

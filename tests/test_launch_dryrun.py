@@ -129,8 +129,8 @@ def test_torchrun_c10d_per_node_commands() -> None:
         assert option(cmd, "--rdzv_backend") == "c10d" and option(cmd, "--rdzv_id") == "job7"
         assert option(cmd, "--rdzv_endpoint") == "10.2.0.1:29400"
         assert option(cmd, "--node_rank") == str(rank) and option(cmd, "--local_addr") == host
-        # only node 0 hosts the rendezvous store
-        assert (option(cmd, "--rdzv_conf") == "is_host=1") == (rank == 0)
+        # node 0 hosts the rendezvous store, and no other node tries to
+        assert option(cmd, "--rdzv_conf") == ("is_host=1" if rank == 0 else "is_host=0")
         assert cmd[cmd.index("-m") + 1 :] == ["train", *TRAIN_ARGS]
 
 
@@ -152,7 +152,8 @@ def test_torchrun_single_node_line_and_errors() -> None:
         ).stdout
     )
     assert len(one) == 1 and one[0][:2] == (1, "10.3.0.2")
-    assert option(one[0][2], "--rdzv_endpoint") == "head:1234" and "--rdzv_conf" not in one[0][2]
+    assert option(one[0][2], "--rdzv_endpoint") == "head:1234"
+    assert option(one[0][2], "--rdzv_conf") == "is_host=0"
     no_endpoint = run_script([script, "--nnodes", "2"], check=False)
     assert no_endpoint.returncode != 0 and "--rdzv-endpoint" in no_endpoint.stderr
     bad_rank = run_script([script, "--nnodes", "2", "--rdzv-endpoint", "h", "--node-rank", "2"], check=False)

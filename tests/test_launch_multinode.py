@@ -11,6 +11,7 @@ share the loopback interface.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -52,11 +53,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _netns_unavailable() -> str | None:
+@functools.cache
+def netns_unavailable() -> str | None:
+    """Why two network namespaces cannot be made here (None: they can), probed once."""
     if os.geteuid() != 0:
         return "not root: network namespaces need CAP_NET_ADMIN"
     if shutil.which("ip") is None:
         return "iproute2 (`ip`) is not installed"
+    probe = f"rwkvprobe{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
     return None
 
 
@@ -87,18 +95,19 @@ def netns_pair() -> Iterator[tuple[Node, Node]]:
         subprocess.run(["ip", "link", "del", veth[0]], capture_output=True, timeout=30)
 
 
-@contextlib.contextmanager
-def two_nodes() -> Iterator[tuple[Node, Node]]:
-    reason = _netns_unavailable()
-    if reason is None:
-        try:
-            with netns_pair() as nodes:
-                yield nodes
-                return
-        except subprocess.CalledProcessError as e:
-            reason = f"creating network namespaces failed: {e.stderr.strip()}"
-    print(f"two nodes on the loopback interface ({reason})")
-    yield Node(0, "127.0.0.1", "lo", []), Node(1, "127.0.0.1", "lo", [])
+@pytest.fixture(params=["netns", "loopback"])
+def two_nodes(request) -> Iterator[tuple[Node, Node]]:
+    """Two nodes in two network namespaces where they can be made, else on the loopback interface."""
+    reason = netns_unavailable()
+    if request.param == "netns":
+        if reason is not None:
+            pytest.skip(f"two nodes in network namespaces: {reason}")
+        with netns_pair() as nodes:
+            yield nodes
+    else:
+        if reason is None:
+            pytest.skip("the network-namespace variant runs here and covers this one")
+        yield Node(0, "127.0.0.1", "lo", []), Node(1, "127.0.0.1", "lo", [])
 
 
 def write_config(tmp: Path, manifest: str, run_dir: Path, steps: int) -> Path:
@@ -209,7 +218,17 @@ def metric_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "step" in r and "loss" in r]
 
 
-def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards) -> None:
+@pytest.fixture
+def reaper() -> Iterator[list[subprocess.Popen]]:
+    """Launched nodes, killed at teardown whatever the test did (before the namespaces go)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        kill_node(proc)
+        proc.wait()
+
+
+def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards, two_nodes, reaper) -> None:
     """ZeRO-2 over two "nodes": torchrun.sh runs to completion; a second run killed on node 1 makes
     node 0 exit non-zero within a bounded time; launching again (deepspeed.sh --no-ssh, then the
     SLURM task script) resumes from the newest complete checkpoint and finishes."""
@@ -219,51 +238,53 @@ def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards) ->
     def tails(logs: list[Path]) -> str:
         return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
 
-    with two_nodes() as nodes:
-        loopback = not nodes[0].prefix
+    nodes = two_nodes
+    loopback = not nodes[0].prefix
 
-        def launch(how: str, phase: str, steps: int) -> tuple[list[subprocess.Popen], list[Path]]:
-            config = write_config(tmp_path, str(demo_shards), run_dir, steps)
-            logs = [tmp_path / f"{phase}_node{r}.log" for r in range(2)]
-            port = _free_port() if loopback else 29400
-            return [launch_node(how, nodes, r, port, config, logs[r]) for r in range(2)], logs
+    def launch(how: str, phase: str, steps: int) -> tuple[list[subprocess.Popen], list[Path]]:
+        config = write_config(tmp_path, str(demo_shards), run_dir, steps)
+        logs = [tmp_path / f"{phase}_node{r}.log" for r in range(2)]
+        port = _free_port() if loopback else 29400
+        procs = [launch_node(how, nodes, r, port, config, logs[r]) for r in range(2)]
+        reaper.extend(procs)
+        return procs, logs
 
-        def run_to_end(how: str, phase: str, steps: int) -> str:
-            procs, logs = launch(how, phase, steps)
-            assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
-            assert complete_steps(ckpts)[-1] == steps and metric_steps(run_dir)[-1] == steps
-            return logs[0].read_text(errors="replace")
+    def run_to_end(how: str, phase: str, steps: int) -> str:
+        procs, logs = launch(how, phase, steps)
+        assert wait_all(procs, 240, logs) == [0, 0], tails(logs)
+        assert complete_steps(ckpts)[-1] == steps and metric_steps(run_dir)[-1] == steps
+        return logs[0].read_text(errors="replace")
 
-        # 1. a short run to completion
-        run_to_end("torchrun", "first", steps=8)
+    # 1. a short run to completion
+    run_to_end("torchrun", "first", steps=8)
 
-        # 2. continue towards a far step; kill every process of node 1 after a new checkpoint
-        procs, logs = launch("torchrun", "killed", steps=400)
-        deadline = time.time() + 240
-        while complete_steps(ckpts)[-1] < 12:
-            assert time.time() < deadline, "no new checkpoint after resuming\n" + tails(logs)
-            assert all(p.poll() is None for p in procs), "a node exited before the kill\n" + tails(logs)
-            time.sleep(0.2)
-        kill_node(procs[1])
-        t_kill = time.time()
-        try:
-            rc0 = procs[0].wait(timeout=200)
-        except subprocess.TimeoutExpired:
-            kill_node(procs[0])
-            pytest.fail("node 0 kept running for 200 s after node 1 was killed\n" + tails(logs))
-        procs[1].wait()
-        print(f"node 0 exited with status {rc0}, {time.time() - t_kill:.1f} s after node 1 was killed")
-        assert rc0 != 0, "node 0 exited 0 although its peer died mid-run"
-        assert f"resumed from {ckpts / 'step8'} at step 8" in logs[0].read_text(errors="replace")
-        resume_from = complete_steps(ckpts)[-1]
-        assert 12 <= resume_from < 400
+    # 2. continue towards a far step; kill every process of node 1 after a new checkpoint
+    procs, logs = launch("torchrun", "killed", steps=400)
+    deadline = time.time() + 240
+    while complete_steps(ckpts)[-1] < 12:
+        assert time.time() < deadline, "no new checkpoint after resuming\n" + tails(logs)
+        assert all(p.poll() is None for p in procs), "a node exited before the kill\n" + tails(logs)
+        time.sleep(0.2)
+    kill_node(procs[1])
+    t_kill = time.time()
+    try:
+        rc0 = procs[0].wait(timeout=200)
+    except subprocess.TimeoutExpired:
+        kill_node(procs[0])
+        pytest.fail("node 0 kept running for 200 s after node 1 was killed\n" + tails(logs))
+    procs[1].wait()
+    print(f"node 0 exited with status {rc0}, {time.time() - t_kill:.1f} s after node 1 was killed")
+    assert rc0 != 0, "node 0 exited 0 although its peer died mid-run"
+    assert f"resumed from {ckpts / 'step8'} at step 8" in logs[0].read_text(errors="replace")
+    resume_from = complete_steps(ckpts)[-1]
+    assert 12 <= resume_from < 400
 
-        # 3. launching again resumes from the newest complete checkpoint and finishes (deepspeed launcher)
-        log0 = run_to_end("deepspeed", "resumed", steps=resume_from + 4)
-        assert f"resumed from {ckpts / f'step{resume_from}'} at step {resume_from}" in log0
+    # 3. launching again resumes from the newest complete checkpoint and finishes (deepspeed launcher)
+    log0 = run_to_end("deepspeed", "resumed", steps=resume_from + 4)
+    assert f"resumed from {ckpts / f'step{resume_from}'} at step {resume_from}" in log0
 
-        # 4. and once more as SLURM tasks
-        log0 = run_to_end("slurm", "slurm", steps=resume_from + 8)
-        assert f"resumed from {ckpts / f'step{resume_from + 4}'} at step {resume_from + 4}" in log0
+    # 4. and once more as SLURM tasks
+    log0 = run_to_end("slurm", "slurm", steps=resume_from + 8)
+    assert f"resumed from {ckpts / f'step{resume_from + 4}'} at step {resume_from + 4}" in log0
     steps = metric_steps(run_dir)
     assert steps == sorted(set(steps))  # metrics are cut back to each resume point: no step twice
