@@ -10,6 +10,7 @@ for v in SLURM_PROCID SLURM_NTASKS SLURM_LOCALID MASTER_ADDR; do
   [ -n "${!v:-}" ] || rwkv_die "slurm_task.sh: \$$v is not set (start it through srun from slurm.sbatch)"
 done
 export RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="$SLURM_LOCALID"
-export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE%%(*}}"
+tasks_per_node="${SLURM_TASKS_PER_NODE:-1}"  # e.g. "8(x4)": 8 tasks on each of 4 nodes
+export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE:-${tasks_per_node%%(*}}"
 export MASTER_PORT
 exec "$PYTHON" -m train "$@"
