@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m launch.demo
+	$(PY) -m launch.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest
