@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.hf_format import to_hf_key  # noqa: E402
 from train.config import ModelConfig  # noqa: E402
 from train.model import RWKV  # noqa: E402
 
@@ -75,17 +76,6 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     return Logits()
 
 
-def hf_key(key: str) -> str:
-    """Our (RWKV-LM) parameter name -> transformers RwkvForCausalLM's."""
-    if key == "head.weight":
-        return key
-    key = key.replace("emb.weight", "embeddings.weight").replace(".ln0.", ".pre_ln.")
-    key = key.replace(".att.", ".attention.").replace(".ffn.", ".feed_forward.")
-    for short, long in (("_k", "_key"), ("_v", "_value"), ("_r", "_receptance")):
-        key = key.replace(f"time_mix{short}", f"time_mix{long}")
-    return "rwkv." + key
-
-
 def train_step(model: torch.nn.Module, idx: torch.Tensor) -> tuple[float, float]:
     """(seconds, loss) of one training step: forward, fp32 cross entropy (as the trainer), backward."""
     t0 = time.perf_counter()
@@ -112,7 +102,7 @@ def bench_dtype(dtype: torch.dtype, args, cfg: ModelConfig) -> dict[str, float]:
     models = {"ours": RWKV(cfg)}
     if not args.skip_hf:
         hf = hf_model(cfg)
-        hf.inner.load_state_dict({hf_key(k): v for k, v in models["ours"].state_dict().items()})
+        hf.inner.load_state_dict({to_hf_key(k): v for k, v in models["ours"].state_dict().items()})
         models["transformers"] = hf
     for m in models.values():
         m.to(dtype).train()

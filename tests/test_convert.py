@@ -7,18 +7,17 @@ a swapped or dropped tensor); the text is real corpus text through the demo toke
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from weights import corpus_text, perturb
 
 from launch import convert
 from train.config import ModelConfig
 from train.model import RWKV
 
-ROOT = Path(__file__).resolve().parents[1]
 FP32_TOL = 1e-4
 # bf16 keeps 8 mantissa bits: each weight moves by up to 2^-9 relative. Through 3 perturbed layers
 # this moved logits of magnitude ~7 by 0.056-0.073 (about 1% of the largest logit; seeds 0-2);
@@ -26,42 +25,11 @@ FP32_TOL = 1e-4
 BF16_REL_TOL = 0.02
 
 
-@torch.no_grad()
-def perturb(model: RWKV, seed: int = 0) -> RWKV:
-    """Random values in every tensor, scaled so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.dim() == 2:
-            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
-        elif "time_mix" in name:
-            p.copy_(torch.rand(p.shape, generator=g))
-        elif "time_decay" in name:
-            p.copy_(r * 1.5 - 1.0)
-        elif "time_first" in name:
-            p.copy_(r)
-        elif name.endswith("weight"):  # LayerNorm gains
-            p.copy_(1.0 + 0.2 * r)
-        else:
-            p.copy_(0.2 * r)
-    return model
-
-
-def corpus_lines(n_chars: int = 600) -> str:
-    """The start of the first document of the embedded corpus, read independently of data_prep."""
-    import zstandard
-
-    with open(ROOT / "data/demo/train/00.jsonl.zst", "rb") as f:
-        raw = zstandard.ZstdDecompressor().stream_reader(f).read(1 << 20)
-    first = raw.split(b"\n", 1)[0]
-    return json.loads(first)["text"][:n_chars]
-
-
 @pytest.fixture(scope="module")
 def text_ids(demo_tokenizer) -> torch.Tensor:
     from data_prep.tokenizer import load_tokenizer
 
-    ids = load_tokenizer(str(demo_tokenizer)).encode(corpus_lines())
+    ids = load_tokenizer(str(demo_tokenizer)).encode(corpus_text(600))
     assert len(ids) >= 40
     return torch.tensor(ids[:96], dtype=torch.long)
 

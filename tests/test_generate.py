@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from weights import corpus_text, perturb
 
 from launch import convert, generate
 from launch.generate import generate_ids, sample_logits
@@ -20,33 +21,6 @@ from train.config import ModelConfig
 from train.model import RWKV
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def perturb(model: RWKV, seed: int = 0) -> RWKV:
-    """Random values in every tensor (the fresh init zeroes several projections)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.dim() == 2:
-            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
-        elif "time_mix" in name:
-            p.copy_(torch.rand(p.shape, generator=g))
-        elif "time_decay" in name:
-            p.copy_(r * 1.5 - 1.0)
-        elif name.endswith(".weight"):  # LayerNorm gains
-            p.copy_(1.0 + 0.2 * r)
-        else:
-            p.copy_(0.2 * r)
-    return model
-
-
-def corpus_text(n_chars: int) -> str:
-    import zstandard
-
-    with open(ROOT / "data/demo/train/01.jsonl.zst", "rb") as f:
-        raw = zstandard.ZstdDecompressor().stream_reader(f).read(1 << 20)
-    return json.loads(raw.split(b"\n", 1)[0])["text"][:n_chars]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +74,7 @@ def test_sampler_draws_from_the_nucleus_distribution():
 
 def test_generation_is_seeded_and_equals_sampling_from_parallel_logits(weights, tok):
     model = weights["model"]
-    prompt = tok.encode(corpus_text(200))[:12]
+    prompt = tok.encode(corpus_text(200, shard="01"))[:12]
     a = generate_ids(model, prompt, 40, temperature=1.0, top_p=0.9, seed=7)
     b = generate_ids(model, prompt, 40, temperature=1.0, top_p=0.9, seed=7)
     c = generate_ids(model, prompt, 40, temperature=1.0, top_p=0.9, seed=8)
@@ -119,7 +93,7 @@ def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_
     from transformers import RwkvForCausalLM
 
     text_file = tmp_path / "heldout.txt"
-    text_file.write_text(corpus_text(900), encoding="utf-8")
+    text_file.write_text(corpus_text(900, shard="01"), encoding="utf-8")
     report = tmp_path / "score.json"
     window = 48
     args = ["--weights", str(weights["pth"]), "--score", str(text_file), "--window", str(window)]
@@ -208,7 +182,7 @@ def test_trained_checkpoint_converts_verifies_and_generates(trained_run, tmp_pat
     assert outs[0] == outs[1] == outs[2] and outs[0].startswith("ROMEO.")
 
     text = tmp_path / "t.txt"
-    text.write_text(corpus_text(1500), encoding="utf-8")
+    text.write_text(corpus_text(1500, shard="01"), encoding="utf-8")
     assert generate.main(["--weights", str(tmp_path / "m.pth"), "--score", str(text)]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
     assert ppl < tok.vocab_size / 2  # a fresh init is near uniform (perplexity ~ vocab size)
