@@ -239,7 +239,15 @@ def test_shipped_configs_load_and_split_their_batch(path):
         cfg.train.grad_accum = 1
 
 
-def test_cli_reports_config_errors_with_exit_status_2(demo_shards):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.vocab_size=1000", "vocab_size is 1000"),
+        # DeepSpeed's CPU accelerator has no fp16: refused before any process group starts.
+        ("train.precision=fp16", "fp16 is not supported on cpu"),
+    ],
+)
+def test_cli_reports_config_errors_with_exit_status_2(demo_shards, override, message):
     import os
     import subprocess
     import sys
@@ -248,11 +256,11 @@ def test_cli_reports_config_errors_with_exit_status_2(demo_shards):
     env["DS_ACCELERATOR"] = "cpu"
     out = subprocess.run(
         [sys.executable, "-m", "train", "--config", str(TINY), "--set", f"data.manifests=[{demo_shards}]",
-         "--set", "model.vocab_size=1000"],
+         "--set", override],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2
-    assert "config error" in out.stderr and "vocab_size is 1000" in out.stderr
+    assert "config error" in out.stderr and message in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -137,7 +137,16 @@ class Trainer:
         self.plan = plan(cfg, self.world)  # raises ConfigError before any process group starts
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = torch.device(f"cuda:{self.denv.local_rank}" if torch.cuda.is_available() else "cpu")
+        # DeepSpeed's accelerator, not torch.cuda.is_available(): DS_ACCELERATOR=cpu must win on a GPU host.
+        from deepspeed.accelerator import get_accelerator
+
+        accel = get_accelerator()
+        self.device = torch.device(accel.device_name(self.denv.local_rank))
+        if cfg.train.precision == "fp16" and not accel.is_fp16_supported():
+            raise ConfigError(
+                f"{cfg.source}: train.precision fp16 is not supported on {accel.device_name()} "
+                "(DeepSpeed's accelerator); use bf16 or fp32"
+            )
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -362,7 +371,7 @@ class Trainer:
                     "grad_norm": _grad_norm(engine),
                     "mfu": mfu(tps, flops_per_token, self.world, peak),
                 }
-                if torch.cuda.is_available():
+                if self.device.type == "cuda":
                     record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 metrics.write(record)
                 if bar is not None:
