@@ -15,6 +15,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from data_prep.bytelevel_bpe import ByteLevelPieceEncoder
+
 WORLD_SPEC = "rwkv-world"
 # RWKV World models have 65536 embedding rows; the vocabulary file fills ids 1..65529.
 WORLD_VOCAB_SIZE = 65536
@@ -82,14 +84,22 @@ class HFTokenizer(Tokenizer):
             )
         self.eod_id = found[0]
         self.identity = _file_identity(self.kind, self.path)
+        self._pieces = ByteLevelPieceEncoder.for_tokenizer(self._tok)  # None unless byte-level BPE
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # encode_batch_fast (tokenizers >= 0.21) gives the same ids without computing offsets.
-        fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
+        out: list[list[int] | None] = [None] * len(texts)
+        if self._pieces is not None:
+            out = [self._pieces.encode(t) for t in texts]
+        rest = [i for i, ids in enumerate(out) if ids is None]
+        if rest:
+            # encode_batch_fast (tokenizers >= 0.21) gives the same ids without computing offsets.
+            fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+            for i, e in zip(rest, fast([texts[i] for i in rest], add_special_tokens=False), strict=True):
+                out[i] = e.ids
+        return out  # type: ignore[return-value]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
