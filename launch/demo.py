@@ -96,9 +96,10 @@ QUICK_TRAIN_SETS = [  # the test's reduced form: every step of the demo, a few m
     "model.n_embd=64",
     "train.ctx_len=64",
     "train.micro_batch_size=4",
-    "train.steps=12",
-    "checkpoint.every=4",
-    "eval.every=4",
+    # Enough steps after the first checkpoint that the kill lands mid-run even on an idle machine.
+    "train.steps=100",
+    "checkpoint.every=20",
+    "eval.every=20",
     "eval.batches=1",
     "log.progress=false",
 ]
@@ -394,7 +395,7 @@ def train_until_first_checkpoint(s: Settings, env: dict[str, str]) -> None:
     child = Streamed(train_cmd(s), s.out / "logs" / "train_part1.log", child_env(s.nproc))
     t0 = time.time()
     while child.proc.poll() is None and latest_tag(s) is None:
-        time.sleep(0.5)
+        time.sleep(0.1)
         if time.time() - t0 > 1800:
             kill_tree(child.proc.pid)
             raise DemoError(f"no checkpoint after 30 minutes (log: {child.log})")

@@ -60,19 +60,19 @@ def test_demo_artefacts_and_resume(demo_run) -> None:
     ]:
         assert path.is_file() and path.stat().st_size > 0, f"missing artefact {path}"
     assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
-    assert (run_dir / "checkpoints" / "step12" / "complete.json").is_file()
+    assert (run_dir / "checkpoints" / "step100" / "complete.json").is_file()
 
     manifest = json.loads((out / "data" / "demo.manifest.json").read_text())
     assert len(manifest["shards"]) == 2 and manifest["tokenizer"]["vocab_size"] == 512
 
     # interrupted after a checkpoint (SIGKILL of the whole run), then resumed from that checkpoint
     state = json.loads((out / "demo_state.json").read_text())
-    assert 0 < state["interrupted_at"] < 12 and state["resumed_from"] == state["interrupted_at"]
+    assert 0 < state["interrupted_at"] < 100 and state["resumed_from"] == state["interrupted_at"]
     part2 = (out / "logs" / "train_part2.log").read_text()
     first_tag = run_dir / "checkpoints" / f"step{state['interrupted_at']}"
     assert f"resumed from {first_tag} at step {state['interrupted_at']}" in part2
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 12
+    assert steps[-1] == 100
 
     # the summary names every artefact and the TensorBoard command
     assert f"tensorboard --logdir {run_dir / 'tb'}" in proc.stdout
