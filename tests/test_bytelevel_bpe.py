@@ -64,10 +64,33 @@ def test_equals_tokenizers_with_added_tokens_and_normalizer(hf_tokenizer_json):
     assert got == [ref.encode(t, add_special_tokens=False).ids for t in texts]
 
 
-def test_non_ascii_text_is_left_to_tokenizers(hf_tokenizer_json):
-    enc = ByteLevelPieceEncoder.for_tokenizer(Tokenizer.from_file(hf_tokenizer_json))
-    assert enc.encode("café au lait") is None
+# Every character the encoder takes beyond ASCII, each in contexts that put it next to letters,
+# digits, spaces, punctuation and a contraction.
+TAKEN = [chr(c) for c in [*range(0xA0, 0x250), *range(0x2000, 0x2070)]]
+CONTEXTS = ["a{c}b", " {c}", "{c}{c} x", "1{c}2", "{c}'s", "x {c}\n", "  {c}  y", "{c}.{c}"]
+
+
+@pytest.mark.parametrize(
+    "normalizer", [normalizers.NFC(), normalizers.NFKC(), None], ids=["NFC", "NFKC", "none"]
+)
+def test_equals_tokenizers_on_every_non_ascii_character_it_takes(hf_tokenizer_json, normalizer):
+    ref = neox_like(hf_tokenizer_json)
+    ref.normalizer = normalizer
+    enc = ByteLevelPieceEncoder.for_tokenizer(ref)
+    texts = [ctx.format(c=c) for c in TAKEN for ctx in CONTEXTS]
+    texts += ["“Curly quotes” — and naïve café résumé façade, ½ °C ±2 µm…"]
+    got = [enc.encode(t) for t in texts]
+    taken = [(t, g) for t, g in zip(texts, got, strict=True) if g is not None]
+    assert len(taken) > 0.8 * len(texts)
+    assert [g for _, g in taken] == [ref.encode(t, add_special_tokens=False).ids for t, _ in taken]
+
+
+def test_other_text_is_left_to_tokenizers(hf_tokenizer_json):
+    enc = ByteLevelPieceEncoder.for_tokenizer(neox_like(hf_tokenizer_json))
+    assert enc.encode("日本語のテキスト") is None  # outside the blocks it takes
+    assert enc.encode("emoji 🙂") is None
     assert enc.encode("field\x1fseparator") is None  # whitespace or not depends on the regex engine
+    assert enc.encode("cafe\u0301") is None  # not in NFC: the tokenizer's normalizer would change it
 
 
 @pytest.mark.parametrize(
