@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,25 @@ from data_prep.pipeline import PrepSettings, run_prep
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 12
+# Copies of the corpus in the input: enough work after the second shard that the kill lands
+# mid-job even on an idle machine.
+COPIES = 6
 
 
-def _start(demo_corpus, tokenizer, prefix, workers=1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "data_prep", "--input", *demo_corpus, "--tokenizer", tokenizer,
+@pytest.fixture(scope="module")
+def corpus(demo_corpus, tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("corpus_copies")
+    paths = []
+    for i in range(COPIES):
+        for src in demo_corpus:
+            copy = root / f"{i}_{Path(src).name}"  # a real copy: the job reads a file once
+            shutil.copyfile(src, copy)
+            paths.append(str(copy))
+    return paths
+
+
+def _start(inputs, tokenizer, prefix, workers=1) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "data_prep", "--input", *inputs, "--tokenizer", tokenizer,
            "--output-prefix", str(prefix), "--shards", str(SHARDS), "--workers", str(workers),
            "--no-progress"]
     # Own process group: a kill reaches the job and its workers, as when a node or a batch job dies.
@@ -41,11 +57,11 @@ def _shard_files(prefix: Path, k: int) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "shard-per-worker"])
-def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_tokenizer, workers):
-    run_prep(PrepSettings(inputs=demo_corpus, tokenizer=demo_tokenizer, output_prefix=str(tmp_path / "ref"),
+def test_resume_after_sigkill_is_byte_identical(tmp_path, corpus, demo_tokenizer, workers):
+    run_prep(PrepSettings(inputs=corpus, tokenizer=demo_tokenizer, output_prefix=str(tmp_path / "ref"),
                           shards=SHARDS, workers=1, progress=False))
     prefix = tmp_path / "job"
-    proc = _start(demo_corpus, demo_tokenizer, prefix, workers)
+    proc = _start(corpus, demo_tokenizer, prefix, workers)
     _wait_for_two_shards(proc, Path(f"{prefix}.prep-state"))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -63,7 +79,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_toke
             assert k not in finished
     kept_mtimes = {k: _shard_files(prefix, k)[0].stat().st_mtime_ns for k in finished}
 
-    out, err = _start(demo_corpus, demo_tokenizer, prefix, workers).communicate(timeout=300)
+    out, err = _start(corpus, demo_tokenizer, prefix, workers).communicate(timeout=300)
     assert f"{len(finished)} shard(s) kept from an earlier run" in err
     for k in range(SHARDS):
         for ours, ref in zip(_shard_files(prefix, k), _shard_files(tmp_path / "ref", k), strict=True):
@@ -73,9 +89,9 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, demo_corpus, demo_toke
     assert not list(tmp_path.glob("job*.tmp"))
 
 
-def test_ctrl_c_stops_cleanly(tmp_path, demo_corpus, demo_tokenizer):
+def test_ctrl_c_stops_cleanly(tmp_path, corpus, demo_tokenizer):
     prefix = tmp_path / "job"
-    proc = _start(demo_corpus, demo_tokenizer, prefix)
+    proc = _start(corpus, demo_tokenizer, prefix)
     _wait_for_two_shards(proc, Path(f"{prefix}.prep-state"))
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
     _, err = proc.communicate(timeout=60)
