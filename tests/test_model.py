@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from weights import perturb
 
 from train.config import PRESETS, ModelConfig
 from train.model import RWKV
@@ -25,27 +26,6 @@ def small_config(**overrides) -> ModelConfig:
     values = {"n_layer": 3, "n_embd": 64, "vocab_size": 300, "ctx_len": 64}
     values.update(overrides)
     return ModelConfig(**values)
-
-
-@torch.no_grad()
-def randomize(model: RWKV, seed: int = 0) -> RWKV:
-    """Random weights everywhere: the fresh init zeroes five projections and would hide mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.dim() == 2:
-            p.copy_(r / math.sqrt(p.shape[1]) * (1.0 if name == "emb.weight" else 1.5))
-        elif "time_mix" in name:
-            p.copy_(torch.rand(p.shape, generator=g))
-        elif "time_decay" in name:
-            p.copy_(r * 1.5 - 1.0)  # decays exp(-exp(.)) from ~1 to ~0
-        elif "time_first" in name:
-            p.copy_(r)
-        elif name.endswith("weight"):  # LayerNorm
-            p.copy_(1.0 + 0.2 * r)
-        else:
-            p.copy_(0.2 * r)
-    return model
 
 
 def hf_config(cfg: ModelConfig):
@@ -175,7 +155,7 @@ def test_logits_equal_transformers_rwkv():
 
     torch.manual_seed(0)
     cfg = small_config()
-    model = randomize(RWKV(cfg)).eval()
+    model = perturb(RWKV(cfg)).eval()
     hf = RwkvForCausalLM(hf_config(cfg)).eval()
     missing, unexpected = hf.load_state_dict(
         {to_hf_key(k): v for k, v in model.state_dict().items()}, strict=True
@@ -193,7 +173,7 @@ def test_logits_equal_transformers_rwkv():
 def test_rnn_mode_equals_parallel_mode():
     torch.manual_seed(1)
     cfg = small_config()
-    model = randomize(RWKV(cfg), seed=1).eval()
+    model = perturb(RWKV(cfg), seed=1).eval()
     idx = torch.randint(0, cfg.vocab_size, (3, 24))
     with torch.no_grad():
         full = model(idx)
@@ -212,7 +192,7 @@ def test_rnn_mode_equals_parallel_mode():
 
 
 def test_forward_rnn_leaves_the_given_state_untouched_and_checks_its_shape():
-    model = randomize(RWKV(small_config(n_layer=2))).eval()
+    model = perturb(RWKV(small_config(n_layer=2))).eval()
     with torch.no_grad():
         _, state = model.forward_rnn(torch.tensor([1, 2, 3]))
         before = state.clone()
@@ -230,7 +210,7 @@ def test_rnn_mode_matches_the_rwkv_package(tmp_path, monkeypatch):
     from rwkv.model import RWKV as RwkvPackageModel
 
     torch.manual_seed(2)
-    model = randomize(RWKV(small_config()), seed=2).eval()
+    model = perturb(RWKV(small_config()), seed=2).eval()
     path = tmp_path / "model.pth"
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, path)
     ref = RwkvPackageModel(model=str(path), strategy="cpu fp32", verbose=False)
@@ -248,7 +228,7 @@ def test_rnn_mode_matches_the_rwkv_package(tmp_path, monkeypatch):
 def test_gradient_checkpointing_gives_equal_gradients():
     torch.manual_seed(3)
     cfg = small_config()
-    plain = randomize(RWKV(cfg), seed=3)
+    plain = perturb(RWKV(cfg), seed=3)
     ckpt = RWKV(ModelConfig.from_dict({**cfg.to_dict(), "grad_cp": True}))
     ckpt.load_state_dict(plain.state_dict())
     idx = torch.randint(0, cfg.vocab_size, (2, 32))
@@ -268,7 +248,7 @@ def test_gradients_equal_transformers_rwkv():
 
     torch.manual_seed(4)
     cfg = small_config(n_layer=2)
-    model = randomize(RWKV(cfg), seed=4)
+    model = perturb(RWKV(cfg), seed=4)
     hf = RwkvForCausalLM(hf_config(cfg))
     hf.load_state_dict({to_hf_key(k): v for k, v in model.state_dict().items()})
     idx = torch.randint(0, cfg.vocab_size, (2, 24))
@@ -329,7 +309,7 @@ def test_bf16_model_tracks_fp32_in_both_modes():
     """bf16 weights (as DeepSpeed's bf16 mode holds them): parallel and RNN logits stay close to fp32."""
     torch.manual_seed(5)
     cfg = small_config()
-    model = randomize(RWKV(cfg), seed=5).eval()
+    model = perturb(RWKV(cfg), seed=5).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 32))
     with torch.no_grad():
         ref = model(idx)
@@ -348,7 +328,7 @@ def test_bf16_model_tracks_fp32_in_both_modes():
 def test_cuda_model_matches_cpu_reference(dtype):
     torch.manual_seed(6)
     cfg = small_config(ctx_len=128)
-    model = randomize(RWKV(cfg), seed=6)
+    model = perturb(RWKV(cfg), seed=6)
     idx = torch.randint(0, cfg.vocab_size, (2, 100))
     ref = RWKV(ModelConfig.from_dict({**cfg.to_dict(), "wkv_backend": "reference"}))
     ref.load_state_dict(model.state_dict())
