@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.wkv import load_cpu_extension, wkv, wkv_reference  # noqa: E402
+from train.wkv import load_extension, wkv, wkv_reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -75,7 +75,7 @@ def main() -> None:
     gy = torch.randn(args.batch, args.seq, args.channels, generator=torch.Generator().manual_seed(1)).to(
         dtype
     )
-    load_cpu_extension()  # the one-off JIT build is not part of the timing
+    load_extension("cpu")  # the one-off JIT build is not part of the timing
 
     print(
         f"WKV fwd+bwd on CPU, B={args.batch} T={args.seq} C={args.channels} {args.dtype}, "

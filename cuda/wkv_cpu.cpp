@@ -35,8 +35,8 @@ void check_f(const torch::Tensor &x, const char *name, at::ScalarType f, at::Int
 
 at::ScalarType compute_type(const torch::Tensor &k) {
     TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 ||
-                    k.scalar_type() == at::kDouble,
-                "wkv_cpu: k must be float32, bfloat16 or float64, got ", k.scalar_type());
+                    k.scalar_type() == at::kHalf || k.scalar_type() == at::kDouble,
+                "wkv_cpu: k must be float32, bfloat16, float16 or float64, got ", k.scalar_type());
     return k.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
@@ -86,11 +86,11 @@ WKV_HD void backward_range(const Tensors<F, IO> &a, int64_t begin, int64_t end) 
         if (n < blocks)
             wkv_math::backward_lanes<kLanes, F, IO>(a.T, a.C, a.w + c, a.u + c, a.k + o, a.v + o, a.y + o, a.gy + o,
                                                    a.state + s, a.gstate + s, a.B * a.C, a.gw + s, a.gu + s,
-                                                   a.gk + o, a.gv + o, q.data(), r.data());
+                                                   a.gk + o, a.gv + o, q.data(), r.data(), kLanes);
         else
             wkv_math::backward_lanes<1, F, IO>(a.T, a.C, a.w + c, a.u + c, a.k + o, a.v + o, a.y + o, a.gy + o,
                                               a.state + s, a.gstate + s, a.B * a.C, a.gw + s, a.gu + s, a.gk + o,
-                                              a.gv + o, q.data(), r.data());
+                                              a.gv + o, q.data(), r.data(), 1);
     }
 }
 
@@ -111,6 +111,7 @@ WKV_HD void backward_range(const Tensors<F, IO> &a, int64_t begin, int64_t end) 
 WKV_CPU_RANGES(f32, float, float)
 WKV_CPU_RANGES(f64, double, double)
 WKV_CPU_RANGES(bf16, float, at::BFloat16)
+WKV_CPU_RANGES(f16, float, at::Half)
 
 template <typename F, typename IO>
 Tensors<F, IO> pointers(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor &k,
@@ -155,6 +156,8 @@ void forward(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor
         forward_impl<float, float>(w, u, k, v, y, state);
     else if (k.scalar_type() == at::kDouble)
         forward_impl<double, double>(w, u, k, v, y, state);
+    else if (k.scalar_type() == at::kHalf)
+        forward_impl<float, at::Half>(w, u, k, v, y, state);
     else
         forward_impl<float, at::BFloat16>(w, u, k, v, y, state);
 }
@@ -181,6 +184,8 @@ void backward(const torch::Tensor &w, const torch::Tensor &u, const torch::Tenso
         backward_impl<float, float>(w, u, k, v, y, gy, state, gstate, gw, gu, gk, gv);
     else if (k.scalar_type() == at::kDouble)
         backward_impl<double, double>(w, u, k, v, y, gy, state, gstate, gw, gu, gk, gv);
+    else if (k.scalar_type() == at::kHalf)
+        backward_impl<float, at::Half>(w, u, k, v, y, gy, state, gstate, gw, gu, gk, gv);
     else
         backward_impl<float, at::BFloat16>(w, u, k, v, y, gy, state, gstate, gw, gu, gk, gv);
 }
@@ -190,5 +195,4 @@ void backward(const torch::Tensor &w, const torch::Tensor &u, const torch::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "WKV forward on CPU (in place: y, state)");
     m.def("backward", &backward, "WKV backward on CPU (in place: gstate, gw, gu, gk, gv)");
-    m.attr("t_max") = -1;  // no compile-time bound on the host
 }

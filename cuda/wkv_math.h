@@ -4,9 +4,10 @@
 // with w = -exp(time_decay) and u = time_first,
 //     y_t = (A_t + e^{u+k_t} v_t) / (B_t + e^{u+k_t}),  A_{t+1} = e^w A_t + e^{k_t} v_t,  B likewise with v = 1,
 // where A = aa * e^pp and B = bb * e^pp are kept scaled by a running maximum exponent pp, so nothing
-// overflows for large |k|. I/O may be bf16; all arithmetic is in F (float, or double for gradcheck).
+// overflows for large |k|. I/O may be bf16 or fp16; all arithmetic is in F (float, or double for gradcheck).
 //
-// Two additions to RWKV-LM, so that sequences longer than the compile-time T_MAX run in chunks:
+// Two additions to RWKV-LM, so that a sequence can run in chunks (bounded scratch memory, unlimited
+// context, stateful inference):
 //  - the forward starts from a carried state (aa, bb, pp) and leaves the final one behind;
 //  - the backward takes the adjoint of the final state (in the same scaled form: dL/dA = sa * e^sp) and
 //    returns the adjoint of the initial state, adding the final state's share to the w gradient.
@@ -33,10 +34,6 @@
 #define WKV_LANES _Pragma("GCC ivdep")
 #else
 #define WKV_LANES
-#endif
-
-#ifndef WKV_T_MAX
-#define WKV_T_MAX 1024
 #endif
 
 namespace wkv_math {
@@ -102,11 +99,14 @@ WKV_HD void forward_lanes(int T, int C, const F *w, const F *u, const IO *k, con
 //           out = adjoint of the state before the first step, same layout as state;
 //   gw, gu: N values out, this batch row's dL/dtime_decay (chain rule through w = -exp(time_decay)
 //           applied, as RWKV-LM does) and dL/du; gk, gv: out, like k;
-//   q, r: scratch of T * N values (the per-step 1/denominator and exponent RWKV-LM keeps in q[], r[]).
+//   q, r: scratch for the per-step 1/denominator and exponent (RWKV-LM's q[], r[]), element (t, j) at
+//         [t * qs + j]: the CPU passes a task-local buffer (qs = N), CUDA a slice of a global (B, T, C)
+//         buffer from PyTorch's allocator (qs = C, coalesced across threads). Never a per-thread stack
+//         array: the driver would reserve it for every resident thread, outside PyTorch's accounting.
 template <int N, typename F, typename IO>
 WKV_HD void backward_lanes(int T, int C, const F *w, const F *u, const IO *k, const IO *v, const IO *y,
                            const IO *gy, const F *state, F *gstate, index_t sstride, F *gw, F *gu, IO *gk,
-                           IO *gv, F *q, F *r) {
+                           IO *gv, F *q, F *r, index_t qs) {
     F aa[N], bb[N], pp[N], ga[N], gb[N], sgw[N], sgu[N];
     for (int j = 0; j < N; j++) {
         aa[j] = state[j];
@@ -131,8 +131,8 @@ WKV_HD void backward_lanes(int T, int C, const F *w, const F *u, const IO *k, co
             const F qq = load<F>(gy + o + j) / (e1 * bb[j] + e2);
             sgw[j] += (ga[j] - gb[j] * yy) * e1 * qq;
             sgu[j] += (vv - yy) * e2 * qq;
-            q[t * N + j] = qq;
-            r[t * N + j] = ww - p;
+            q[t * qs + j] = qq;
+            r[t * qs + j] = ww - p;
 
             ww = w[j] + pp[j];
             p = wmax(ww, kk);
@@ -163,8 +163,8 @@ WKV_HD void backward_lanes(int T, int C, const F *w, const F *u, const IO *k, co
             const F kk = load<F>(k + o + j);
             const F vv = load<F>(v + o + j);
             const F yy = load<F>(y + o + j);
-            const F qq = q[t * N + j];
-            const F rr = r[t * N + j];
+            const F qq = q[t * qs + j];
+            const F rr = r[t * qs + j];
 
             F e1 = qq * wexp(rr);
             F e2 = wexp(kk + pp[j]);

@@ -1,26 +1,21 @@
-// Torch binding of the WKV CUDA kernels (wkv_cuda.cu): fp32 and bf16 I/O, fp32 state and gradients of w, u.
-// Same interface as the CPU twin (wkv_cpu.cpp) plus the CUDA stream, which train/wkv.py passes in (as an
+// Torch binding of the WKV CUDA kernels (wkv_cuda.cu): fp32, bf16 and fp16 I/O, fp32 state and gradients of
+// w, u. Same interface as the CPU twin (wkv_cpu.cpp) plus the CUDA stream, which train/wkv.py passes in (as an
 // integer, with the tensors' device current) so this file needs only the CUDA runtime's headers and can be
 // compile-checked against a CPU build of torch.
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
-#ifndef WKV_T_MAX
-#define WKV_T_MAX 1024
-#endif
+#define WKV_DECLARE(NAME, IO)                                                                                   \
+    void wkv_cuda_forward_##NAME(int B, int T, int C, long long bs, const float *w, const float *u, const IO *k, \
+                                 const IO *v, IO *y, float *state, cudaStream_t stream);                        \
+    void wkv_cuda_backward_##NAME(int B, int T, int C, long long bs, const float *w, const float *u,             \
+                                  const IO *k, const IO *v, const IO *y, const IO *gy, const float *state,      \
+                                  float *gstate, float *gw, float *gu, IO *gk, IO *gv, float *scratch,          \
+                                  cudaStream_t stream);
 
-void wkv_cuda_forward_fp32(int B, int T, int C, long long bs, const float *w, const float *u, const float *k,
-                           const float *v, float *y, float *state, cudaStream_t stream);
-void wkv_cuda_backward_fp32(int B, int T, int C, long long bs, const float *w, const float *u, const float *k,
-                            const float *v, const float *y, const float *gy, const float *state, float *gstate,
-                            float *gw, float *gu, float *gk, float *gv, cudaStream_t stream);
-void wkv_cuda_forward_bf16(int B, int T, int C, long long bs, const float *w, const float *u,
-                           const c10::BFloat16 *k, const c10::BFloat16 *v, c10::BFloat16 *y, float *state,
-                           cudaStream_t stream);
-void wkv_cuda_backward_bf16(int B, int T, int C, long long bs, const float *w, const float *u,
-                            const c10::BFloat16 *k, const c10::BFloat16 *v, const c10::BFloat16 *y,
-                            const c10::BFloat16 *gy, const float *state, float *gstate, float *gw, float *gu,
-                            c10::BFloat16 *gk, c10::BFloat16 *gv, cudaStream_t stream);
+WKV_DECLARE(fp32, float)
+WKV_DECLARE(bf16, c10::BFloat16)
+WKV_DECLARE(fp16, c10::Half)
 
 namespace {
 
@@ -41,11 +36,10 @@ void check_f(const torch::Tensor &x, const char *name, const torch::Tensor &k, a
 }
 
 void check_common(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor &k) {
-    TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16,
-                "wkv_cuda: k must be float32 or bfloat16, got ", k.scalar_type());
+    TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kHalf,
+                "wkv_cuda: k must be float32, bfloat16 or float16, got ", k.scalar_type());
     TORCH_CHECK(k.dim() == 3, "wkv_cuda: k must be (B, T, C)");
-    TORCH_CHECK(k.size(1) <= WKV_T_MAX, "wkv_cuda: ", k.size(1), " steps in one call exceed T_MAX = ", WKV_T_MAX,
-                " (the model config's ctx_len the kernel was built for); wkv() chunks longer sequences");
+    TORCH_CHECK(k.size(0) * k.size(2) <= INT32_MAX, "wkv_cuda: B * C = ", k.size(0) * k.size(2), " is too large");
     check_f(w, "w", k, {k.size(2)});
     check_f(u, "u", k, {k.size(2)});
 }
@@ -54,6 +48,9 @@ void check_launch() {
     const cudaError_t err = cudaGetLastError();
     TORCH_CHECK(err == cudaSuccess, "wkv_cuda: kernel launch failed: ", cudaGetErrorString(err));
 }
+
+template <typename T>
+T *ptr(const torch::Tensor &x) { return reinterpret_cast<T *>(x.data_ptr()); }
 
 }  // namespace
 
@@ -65,13 +62,21 @@ void forward(const torch::Tensor &w, const torch::Tensor &u, const torch::Tensor
     const int B = k.size(0), T = k.size(1), C = k.size(2);
     check_f(state, "state", k, {3, B, C});
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    if (k.scalar_type() == at::kFloat)
-        wkv_cuda_forward_fp32(B, T, C, k.stride(0), w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                              v.data_ptr<float>(), y.data_ptr<float>(), state.data_ptr<float>(), stream);
-    else
-        wkv_cuda_forward_bf16(B, T, C, k.stride(0), w.data_ptr<float>(), u.data_ptr<float>(),
-                              k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(),
-                              state.data_ptr<float>(), stream);
+    const float *wp = ptr<float>(w), *up = ptr<float>(u);
+    float *sp = ptr<float>(state);
+    switch (k.scalar_type()) {
+        case at::kFloat:
+            wkv_cuda_forward_fp32(B, T, C, k.stride(0), wp, up, ptr<float>(k), ptr<float>(v), ptr<float>(y), sp,
+                                  stream);
+            break;
+        case at::kBFloat16:
+            wkv_cuda_forward_bf16(B, T, C, k.stride(0), wp, up, ptr<c10::BFloat16>(k), ptr<c10::BFloat16>(v),
+                                  ptr<c10::BFloat16>(y), sp, stream);
+            break;
+        default:
+            wkv_cuda_forward_fp16(B, T, C, k.stride(0), wp, up, ptr<c10::Half>(k), ptr<c10::Half>(v),
+                                  ptr<c10::Half>(y), sp, stream);
+    }
     check_launch();
 }
 
@@ -89,23 +94,30 @@ void backward(const torch::Tensor &w, const torch::Tensor &u, const torch::Tenso
     check_f(gstate, "gstate", k, {3, B, C});
     check_f(gw, "gw", k, {B, C});
     check_f(gu, "gu", k, {B, C});
+    // Per-step scratch through PyTorch's caching allocator (counted, reused, freed with the stream's order).
+    const auto scratch = torch::empty({2, B, T, C}, k.options().dtype(at::kFloat));
     const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-    if (k.scalar_type() == at::kFloat)
-        wkv_cuda_backward_fp32(B, T, C, k.stride(0), w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                               v.data_ptr<float>(), y.data_ptr<float>(), gy.data_ptr<float>(),
-                               state.data_ptr<float>(), gstate.data_ptr<float>(), gw.data_ptr<float>(),
-                               gu.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), stream);
-    else
-        wkv_cuda_backward_bf16(B, T, C, k.stride(0), w.data_ptr<float>(), u.data_ptr<float>(),
-                               k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(),
-                               gy.data_ptr<c10::BFloat16>(), state.data_ptr<float>(), gstate.data_ptr<float>(),
-                               gw.data_ptr<float>(), gu.data_ptr<float>(), gk.data_ptr<c10::BFloat16>(),
-                               gv.data_ptr<c10::BFloat16>(), stream);
+    const float *wp = ptr<float>(w), *up = ptr<float>(u), *sp = ptr<float>(state);
+    float *gsp = ptr<float>(gstate), *gwp = ptr<float>(gw), *gup = ptr<float>(gu), *scp = ptr<float>(scratch);
+    switch (k.scalar_type()) {
+        case at::kFloat:
+            wkv_cuda_backward_fp32(B, T, C, k.stride(0), wp, up, ptr<float>(k), ptr<float>(v), ptr<float>(y),
+                                   ptr<float>(gy), sp, gsp, gwp, gup, ptr<float>(gk), ptr<float>(gv), scp, stream);
+            break;
+        case at::kBFloat16:
+            wkv_cuda_backward_bf16(B, T, C, k.stride(0), wp, up, ptr<c10::BFloat16>(k), ptr<c10::BFloat16>(v),
+                                   ptr<c10::BFloat16>(y), ptr<c10::BFloat16>(gy), sp, gsp, gwp, gup,
+                                   ptr<c10::BFloat16>(gk), ptr<c10::BFloat16>(gv), scp, stream);
+            break;
+        default:
+            wkv_cuda_backward_fp16(B, T, C, k.stride(0), wp, up, ptr<c10::Half>(k), ptr<c10::Half>(v),
+                                   ptr<c10::Half>(y), ptr<c10::Half>(gy), sp, gsp, gwp, gup, ptr<c10::Half>(gk),
+                                   ptr<c10::Half>(gv), scp, stream);
+    }
     check_launch();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "WKV forward on CUDA (in place: y, state); last argument: cudaStream_t as int");
     m.def("backward", &backward, "WKV backward on CUDA (in place: gstate, gw, gu, gk, gv); last argument: cudaStream_t as int");
-    m.attr("t_max") = WKV_T_MAX;
 }

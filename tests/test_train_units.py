@@ -74,11 +74,12 @@ def test_ds_config_auto_filled_and_contradictions_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------ bad configs
 def test_bad_configs_are_refused_before_training(demo_shards, tmp_path):
-    # ctx_len beyond the kernel's T_MAX without chunking
-    with pytest.raises(ConfigError, match="exceeds the WKV kernel's T_MAX"):
-        plan(tiny(demo_shards, "model.ctx_len=32", "train.ctx_len=64"), world_size=2)
-    p = plan(tiny(demo_shards, "model.ctx_len=32", "train.ctx_len=64", "train.wkv_chunking=true"), 2)
-    assert p.model_cfg.ctx_len == 32
+    # a retired key is refused with what replaced it; a window longer than model.ctx_len is fine
+    # (the kernel has no length bound), and the kernel's chunk length is a model setting
+    with pytest.raises(ConfigError, match="train.wkv_chunking is no longer a setting: .*model.wkv_chunk_len"):
+        plan(tiny(demo_shards, "train.wkv_chunking=true"), world_size=2)
+    p = plan(tiny(demo_shards, "model.ctx_len=32", "train.ctx_len=64", "model.wkv_chunk_len=16"), 2)
+    assert (p.model_cfg.ctx_len, p.model_cfg.wkv_chunk_len) == (32, 16)
     # a global batch the world cannot split
     with pytest.raises(ConfigError, match=r"global_batch_size 12 is not divisible by .* world size 2"):
         plan(tiny(demo_shards, "train.global_batch_size=12"), world_size=2)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.wkv import load_cpu_extension, wkv, wkv_reference
+import train.wkv as wkv_mod
+from train.wkv import WKVBuildError, initial_state, load_extension, wkv, wkv_reference, wkv_with_state
 
 NAMES = ("time_decay", "time_first", "k", "v")
 
@@ -17,7 +18,7 @@ NAMES = ("time_decay", "time_first", "k", "v")
 @pytest.fixture(scope="session")
 def cpu_ext():
     """Builds (or loads from the extensions cache) the CPU twin once per session."""
-    return load_cpu_extension()
+    return load_extension("cpu")
 
 
 def direct_wkv(time_decay, time_first, k, v):
@@ -72,17 +73,18 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(wkv_reference, inputs)
 
 
-@pytest.mark.parametrize("t_max", [None, 4])
-def test_cpu_extension_gradcheck(cpu_ext, t_max):
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_cpu_extension_gradcheck(cpu_ext, chunk):
     """Exact analytic gradients of the kernel, including the state carried across chunks (T=9 > 4)."""
     inputs = realistic_inputs(2, 9, 3, torch.float64, k_scale=3.0)
-    assert torch.autograd.gradcheck(lambda d, u, k, v: wkv(d, u, k, v, backend="cpu", t_max=t_max), inputs)
+    fn = lambda d, u, k, v: wkv(d, u, k, v, backend="cpu", chunk_len=chunk)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_cpu_extension_gradcheck_lane_blocks(cpu_ext):
     """C = 67: one vectorised block of 64 channels plus 3 leftover channels, both code paths."""
     inputs = realistic_inputs(1, 5, 67, torch.float64, k_scale=3.0)
-    fn = lambda d, u, k, v: wkv(d, u, k, v, backend="cpu", t_max=3)  # noqa: E731
+    fn = lambda d, u, k, v: wkv(d, u, k, v, backend="cpu", chunk_len=3)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
@@ -126,11 +128,13 @@ def test_chunked_equals_unchunked(cpu_ext):
     gy = torch.randn(2, 300, 80, generator=torch.Generator().manual_seed(3))
     y_full = wkv(*inputs, backend="cpu")
     g_full = grads(y_full, inputs, gy)
-    for t_max in (64, 100, 299):
-        y = wkv(*inputs, backend="cpu", t_max=t_max)
-        assert torch.equal(y, y_full), t_max
+    for chunk in (64, 100, 299):
+        y = wkv(*inputs, backend="cpu", chunk_len=chunk)
+        assert torch.equal(y, y_full), chunk
         for name, g, g0 in zip(NAMES, grads(y, inputs, gy), g_full, strict=True):
-            assert rel_err(g, g0) < 1e-5, (t_max, name)
+            assert rel_err(g, g0) < 1e-5, (chunk, name)
+    # the earlier keyword still works
+    assert torch.equal(wkv(*inputs, backend="cpu", t_max=64), y_full)
 
 
 def test_auto_on_cpu_uses_the_extension(cpu_ext):
@@ -177,7 +181,64 @@ def test_bad_arguments_are_refused():
     d, u, k, v = realistic_inputs(1, 4, 4, torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match="unknown backend"):
         wkv(d, u, k, v, backend="triton")
-    with pytest.raises(ValueError, match="ctx_len"):
-        wkv(d, u, k, v, t_max=0)
+    with pytest.raises(ValueError, match="chunk_len must be positive"):
+        wkv(d, u, k, v, chunk_len=-1)
     with pytest.raises(ValueError, match="CUDA tensors"):
         wkv(d, u, k, v, backend="cuda")
+
+
+def test_fp16_matches_reference(cpu_ext):
+    """fp16 in and out (the CUDA kernel's V100 path), fp32 inside: within fp16 rounding of the reference."""
+    inputs = realistic_inputs(2, 128, 72, torch.float16, k_scale=3.0)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    gy = torch.randn(2, 128, 72, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    y = wkv(*inputs, backend="cpu")
+    y_ref = wkv_reference(*ref_inputs)
+    assert y.dtype == torch.float16
+    assert rel_err(y, y_ref) < 2e-3
+    want = grads(y_ref, ref_inputs, gy.double())
+    for name, g, g_ref in zip(NAMES, grads(y, inputs, gy), want, strict=True):
+        assert rel_err(g, g_ref) < 5e-3, name
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_with_state_carries_history(cpu_ext, backend):
+    """Three calls with the state carried give the one-pass output and the reference's final state."""
+    d, u, k, v = realistic_inputs(2, 90, 24, torch.float32, requires_grad=False)
+    y_full = wkv_reference(d, u, k, v)
+    state = initial_state(2, 24)
+    start = state.clone()
+    parts = []
+    for sl in (slice(0, 1), slice(1, 50), slice(50, 90)):
+        y, state = wkv_with_state(d, u, k[:, sl], v[:, sl], state, backend=backend)
+        parts.append(y)
+    assert torch.equal(start, initial_state(2, 24))  # the caller's state is not modified
+    torch.testing.assert_close(torch.cat(parts, 1), y_full, rtol=0, atol=2e-5)
+    # the final state, from an independent computation: the reference loop over the whole sequence
+    _, ref_state = wkv_mod._reference_scan(-torch.exp(d.float()), u.float(), k, v, initial_state(2, 24))
+    torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA tensor where _kernel_for only asks for device and dtype."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+def test_auto_never_falls_back_to_the_reference_on_cuda(monkeypatch):
+    """On a GPU, auto means the CUDA kernel: a failed build is an error, not a slow Python loop."""
+    def broken(kind, build_dir=None):
+        raise WKVBuildError(f"wkv-build-marker: {kind} build broken on purpose")
+
+    monkeypatch.setattr(wkv_mod, "load_extension", broken)
+    with pytest.raises(WKVBuildError, match="cuda build broken"):
+        wkv_mod._kernel_for(_FakeCudaTensor(torch.bfloat16), "auto", None)
+    with pytest.raises(ValueError, match="cuda kernel takes .* got torch.float64"):
+        wkv_mod._kernel_for(_FakeCudaTensor(torch.float64), "auto", None)
+    # on the CPU, auto still degrades (with a warning) so a machine without a compiler can run
+    with pytest.warns(RuntimeWarning, match="cpu build broken"):
+        assert wkv_mod._kernel_for(torch.zeros(1, 1, 1), "auto", None) is None

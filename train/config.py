@@ -21,6 +21,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "14b": {"n_layer": 40, "n_embd": 5120, "ctx_len": 1024},
 }
 
+# Fields that are settings of a run, not shapes of the weights: a resume may change them.
+RUNTIME_FIELDS = ("preset", "grad_cp", "wkv_backend", "wkv_chunk_len", "ctx_len")
+
 # WKV cost per (token, channel): the forward recurrence (two exps, a max, four multiply-adds,
 # a division; see cuda/ header) counted as ~10 FLOPs, its backward as twice that.
 WKV_FLOPS_FWD_PER_CHANNEL = 10
@@ -34,12 +37,16 @@ class ModelConfig:
     n_layer: int
     n_embd: int
     vocab_size: int = 50277
-    ctx_len: int = 1024  # the WKV kernel's compile-time T_MAX; longer inputs run chunked
+    ctx_len: int = 1024  # context length the model is trained at (recorded; HF context_length, scoring)
     dim_att: int = 0  # 0 -> n_embd
     dim_ffn: int = 0  # 0 -> 4 * n_embd
     layer_norm_eps: float = 1e-5
     grad_cp: bool = False  # gradient checkpointing per block
     wkv_backend: str = "auto"  # auto | cuda | cpu | reference
+    # WKV kernel calls of at most this many steps, the state carried between them (0: one call per
+    # window). Not a model shape: it bounds the CUDA backward's scratch (8 bytes per batch x step x
+    # channel) and may change on resume.
+    wkv_chunk_len: int = 0
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +58,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        chunk = self.wkv_chunk_len
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise ValueError(
+                f"ModelConfig.wkv_chunk_len must be a non-negative integer (0: no chunking), "
+                f"got {self.wkv_chunk_len!r}"
+            )
         if self.dim_att != self.n_embd:
             # RWKV-4's time_mix and residual stream assume dim_att == n_embd (as RWKV-LM's v4 does).
             raise ValueError(

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-from train.wkv import wkv
+from train.wkv import wkv, wkv_with_state
 
 # RNN state layout per layer, as the `rwkv` package keeps it: the time-mixing input of the previous
 # token, the WKV numerator/denominator (aa, bb) scaled by exp(-pp), the running max exponent pp,
@@ -71,30 +71,21 @@ class TimeMix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v, r = self._kvr(x, _token_shift(x))
-        y = wkv(self.time_decay, self.time_first, k, v, backend=self.cfg.wkv_backend, t_max=self.cfg.ctx_len)
+        cfg = self.cfg
+        y = wkv(self.time_decay, self.time_first, k, v, backend=cfg.wkv_backend, chunk_len=cfg.wkv_chunk_len)
         return self.output(torch.sigmoid(r) * y.to(r.dtype))
 
     def forward_rnn(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C); s (5, B, C) this layer's state. Projections run for all T at once; only the
         WKV recurrence steps through time (the rwkv package's stable aa/bb/pp form)."""
         k, v, r = self._kvr(x, _token_shift(x, s[STATE_ATT_X]))
-        k, v = k.float(), v.float()
-        w = -torch.exp(self.time_decay.float())
-        u = self.time_first.float()
-        aa, bb, pp = s[STATE_AA], s[STATE_BB], s[STATE_PP]
-        ys = []
-        for t in range(x.shape[1]):
-            kt, vt = k[:, t], v[:, t]
-            ww = u + kt
-            p = torch.maximum(pp, ww)
-            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-            ys.append((e1 * aa + e2 * vt) / (e1 * bb + e2))
-            ww = pp + w
-            p = torch.maximum(ww, kt)
-            e1, e2 = torch.exp(ww - p), torch.exp(kt - p)
-            aa, bb, pp = e1 * aa + e2 * vt, e1 * bb + e2, p
-        y = torch.stack(ys, dim=1).to(r.dtype)
-        out = self.output(torch.sigmoid(r) * y)
+        # fp32 k, v as the rwkv package computes; the same kernel as training (CUDA or the CPU twin).
+        y, wkv_state = wkv_with_state(
+            self.time_decay, self.time_first, k.float(), v.float(), s[STATE_AA : STATE_PP + 1],
+            backend=self.cfg.wkv_backend,
+        )
+        aa, bb, pp = wkv_state.unbind(0)
+        out = self.output(torch.sigmoid(r) * y.to(r.dtype))
         new_s = torch.stack([x[:, -1].float(), aa, bb, pp, s[STATE_FFN_X]])
         return out, new_s
 

@@ -27,7 +27,8 @@ class ModelSection:
     preset: str = "tiny"
     # Any train.config.ModelConfig field (n_layer, n_embd, vocab_size, ctx_len, grad_cp, wkv_backend...).
     # vocab_size "auto" takes the tokenizer's vocab_size from the data manifest;
-    # ctx_len "auto" (the WKV kernel's T_MAX) takes train.ctx_len.
+    # ctx_len "auto" (the context length recorded with the weights) takes train.ctx_len;
+    # wkv_chunk_len bounds the WKV kernel's steps per call (0: none), and may change on resume.
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,7 +49,6 @@ class TrainSection:
     zero_stage: int = 2  # 0 | 1 | 2 | 3
     offload_optimizer: bool = False  # ZeRO 2/3: optimizer states and step on the CPU
     grad_clip: float = 1.0  # 0 disables
-    wkv_chunking: bool = False  # allow ctx_len beyond the kernel's T_MAX (runs WKV in chunks)
     global_batch_size: int = 0  # sequences per optimizer step; >0 derives grad_accum from the world size
     l2wrap: bool = True  # RWKV-LM's L2Wrap logit regulariser
     max_nan_skips: int = 3  # non-finite losses skipped before the run stops with an error
@@ -126,9 +126,19 @@ _SECTION_TYPES = {
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Keys of earlier releases, with what replaced them.
+RETIRED_KEYS = {
+    "wkv_chunking": "the WKV kernel has no length bound any more; model.wkv_chunk_len (optional) "
+    "bounds its steps per call",
+}
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
+    for key in unknown:
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{where}.{key} is no longer a setting: {RETIRED_KEYS[key]}")
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
     kwargs = {}

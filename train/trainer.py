@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from train import checkpointing, distributed
-from train.config import ModelConfig
+from train.config import RUNTIME_FIELDS, ModelConfig
 from train.data import TokenWindows
 from train.ds_config import fill_ds_config, load_ds_config
 from train.loss import cross_entropy, lm_loss
@@ -60,12 +60,6 @@ def resolve_model_config(cfg: RunConfig, tokenizer_vocab: int) -> ModelConfig:
             f"{cfg.source}: the data's tokenizer has {tokenizer_vocab} tokens but the model's vocab_size "
             f"is {mc.vocab_size}; token ids would index past the embedding (set model.vocab_size to "
             f"at least {tokenizer_vocab}, or auto)"
-        )
-    if cfg.train.ctx_len > mc.ctx_len and not cfg.train.wkv_chunking:
-        raise ConfigError(
-            f"{cfg.source}: train.ctx_len {cfg.train.ctx_len} exceeds the WKV kernel's T_MAX "
-            f"(model.ctx_len {mc.ctx_len}); raise model.ctx_len, or set train.wkv_chunking: true "
-            "to run the kernel in chunks with state carried between them"
         )
     return mc
 
@@ -216,7 +210,7 @@ class Trainer:
         if saved_model is not None:
             current = self.plan.model_cfg.to_dict()
             diff = {k: (saved_model.get(k), v) for k, v in current.items()
-                    if k not in ("preset", "grad_cp", "wkv_backend") and saved_model.get(k) != v}
+                    if k not in RUNTIME_FIELDS and saved_model.get(k) != v}
             if diff:
                 raise ConfigError(
                     f"checkpoint {cand.path}: model differs from the run config (saved, now): {diff}"

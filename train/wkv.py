@@ -6,8 +6,13 @@ Per channel c, with w = -exp(time_decay) and u = time_first:
 
 ``wkv_reference`` computes it in O(T) with a running maximum exponent, so nothing overflows
 for large |k|; autograd differentiates it. ``wkv`` runs the compiled kernels of ``cuda/`` (the CUDA
-extension on CUDA tensors, its CPU twin otherwise), both built just in time with ninja and cached.
-Sequences longer than the kernel's T_MAX run in chunks, the recurrent state carried across them.
+extension on CUDA tensors, its CPU twin otherwise), both built just in time with ninja and cached
+(``train.ext_build``). A sequence may run in chunks of ``chunk_len`` steps with the recurrent state
+carried across them (it bounds the backward's scratch memory; results are the same).
+``wkv_with_state`` is the stateful, gradient-free form that RNN-mode inference uses.
+
+On a CUDA tensor ``auto`` means the CUDA kernel or an error with the compiler's message: a GPU never
+falls back to the Python loop.
 """
 
 from __future__ import annotations
@@ -21,11 +26,17 @@ from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils import cpp_extension
+
+from train import ext_build
+from train.ext_build import BUILD_DIR_ENV  # noqa: F401  (re-exported: where builds go)
+from train.ext_build import ExtensionBuildError as WKVBuildError
 
 CUDA_SRC_DIR = Path(__file__).resolve().parent.parent / "cuda"
-BUILD_DIR_ENV = "RWKV_WKV_BUILD_DIR"
 BACKENDS = ("auto", "cuda", "cpu", "reference")
+KERNEL_DTYPES = {
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+}
 
 # Stands in for log(0) in the running-max state; finite so that differences stay finite.
 MIN_EXP = -1e38
@@ -44,26 +55,25 @@ def _check_shapes(
         )
 
 
-def wkv_reference(
-    time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> torch.Tensor:
-    """Pure-PyTorch WKV: a Python loop over T, fp32 compute (fp64 for fp64 inputs).
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    Same running-max form as RWKV-LM's v4 CUDA kernel; differentiable in all four inputs.
-    Returns y of k's dtype and shape (B, T, C).
-    """
-    _check_shapes(time_decay, time_first, k, v)
-    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
-    w = -torch.exp(time_decay.to(cdt))
-    u = time_first.to(cdt)
-    kc, vc = k.to(cdt), v.to(cdt)
-    B, T, C = k.shape
-    aa = torch.zeros(B, C, dtype=cdt, device=k.device)
-    bb = torch.zeros(B, C, dtype=cdt, device=k.device)
-    pp = torch.full((B, C), MIN_EXP, dtype=cdt, device=k.device)
+
+def initial_state(B: int, C: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """(aa, bb, pp) of an empty history, shape (3, B, C): zero sums, log-scale at 'minus infinity'."""
+    state = torch.zeros((3, B, C), dtype=dtype, device=device)
+    state[2].fill_(MIN_EXP)
+    return state
+
+
+def _reference_scan(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence as a Python loop over T, in the dtype of w; returns y and the final (aa, bb, pp)."""
+    aa, bb, pp = state.unbind(0)
     ys = []
-    for t in range(T):
-        kk, vv = kc[:, t], vc[:, t]
+    for t in range(k.shape[1]):
+        kk, vv = k[:, t], v[:, t]
         ww = u + kk
         p = torch.maximum(pp, ww)
         e1 = torch.exp(pp - p)
@@ -76,16 +86,51 @@ def wkv_reference(
         aa = e1 * aa + e2 * vv
         bb = e1 * bb + e2
         pp = p
-    return torch.stack(ys, dim=1).to(k.dtype)
+    y = torch.stack(ys, dim=1) if ys else k.new_empty(k.shape)
+    return y, torch.stack([aa, bb, pp])
 
 
-class WKVBuildError(RuntimeError):
-    """The WKV extension failed to compile; the message carries the compiler's output."""
+def wkv_reference(
+    time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """Pure-PyTorch WKV: a Python loop over T, fp32 compute (fp64 for fp64 inputs).
+
+    Same running-max form as RWKV-LM's v4 CUDA kernel; differentiable in all four inputs.
+    Returns y of k's dtype and shape (B, T, C).
+    """
+    _check_shapes(time_decay, time_first, k, v)
+    cdt = _compute_dtype(k.dtype)
+    w = -torch.exp(time_decay.to(cdt))
+    u = time_first.to(cdt)
+    B, T, C = k.shape
+    y, _ = _reference_scan(w, u, k.to(cdt), v.to(cdt), initial_state(B, C, cdt, k.device))
+    return y.to(k.dtype)
 
 
 # Built modules, and failed builds (re-raised rather than retried on every call), by configuration.
 _EXTENSIONS: dict[tuple, ModuleType | WKVBuildError] = {}
 _BUILD_LOCK = threading.Lock()
+
+# -ffast-math lets gcc call the vectorised expf of glibc (libmvec) in the lane loops; it is a compile
+# flag only, so the library is not linked with crtfastmath and the process' float mode is untouched.
+CPU_CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fopenmp-simd", "-DWKV_OMP_SIMD"]
+# As RWKV-LM builds its v4 kernel: fast exp, a register cap that keeps enough threads resident.
+CUDA_CFLAGS = ["-O3", "--use_fast_math", "--maxrregcount=60", "-Xptxas=-O3"]
+
+# One entry per kind of extension: its sources and flags (the CPU twin runs fp32/bf16/fp16/fp64 on the
+# host; the CUDA kernel fp32/bf16/fp16 on the GPU). Neither has a bound on T per call.
+_SPECS: dict[str, dict] = {
+    "cpu": {
+        "sources": ["wkv_cpu.cpp"],
+        "extra_cflags": CPU_CFLAGS,
+        "extra_ldflags": ["-fopenmp"],
+    },
+    "cuda": {
+        "sources": ["wkv_op.cpp", "wkv_cuda.cu"],
+        "extra_cflags": ["-O3"],
+        "extra_cuda_cflags": CUDA_CFLAGS,
+    },
+}
 
 
 def build_extension(
@@ -96,89 +141,36 @@ def build_extension(
     extra_ldflags: list[str] | None = None,
     build_dir: str | os.PathLike | None = None,
 ) -> ModuleType:
-    """JIT-build and import a torch extension with ninja; WKVBuildError with the compiler output on failure.
-
-    build_dir: where ninja works; default ``$RWKV_WKV_BUILD_DIR/<name>`` if that is set, else torch's
-    extensions cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
-    """
-    root = build_dir if build_dir is not None else os.environ.get(BUILD_DIR_ENV)
-    directory = None
-    if root:
-        directory = os.path.join(os.fspath(root), name)
-        os.makedirs(directory, exist_ok=True)
-    try:
-        return cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=extra_cflags,
-            extra_cuda_cflags=extra_cuda_cflags,
-            extra_ldflags=extra_ldflags,
-            extra_include_paths=[str(CUDA_SRC_DIR)],
-            build_directory=directory,
-            verbose=False,  # keeps the compiler output in the exception instead of on the terminal
-        )
-    except (RuntimeError, OSError, ImportError) as e:
-        where = directory or "torch's extensions directory"
-        files = ", ".join(str(s) for s in sources)
-        raise WKVBuildError(
-            f"building the WKV extension {name!r} from {files} in {where} failed:\n{e}"
-        ) from e
+    """JIT-build a WKV extension (see train.ext_build): keyed directory, one builder per key, compiler
+    output in the WKVBuildError on failure. build_dir: default $RWKV_WKV_BUILD_DIR, else torch's cache."""
+    return ext_build.build_extension(
+        name,
+        sources,
+        extra_cflags=extra_cflags,
+        extra_cuda_cflags=extra_cuda_cflags,
+        extra_ldflags=extra_ldflags,
+        build_dir=build_dir,
+        include_dirs=[CUDA_SRC_DIR],
+    )
 
 
-# -ffast-math lets gcc call the vectorised expf of glibc (libmvec) in the lane loops; it is a compile
-# flag only, so the library is not linked with crtfastmath and the process' float mode is untouched.
-CPU_CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fopenmp-simd", "-DWKV_OMP_SIMD"]
-# As RWKV-LM builds its v4 kernel: fast exp, a register cap that keeps enough threads resident.
-CUDA_CFLAGS = ["-O3", "--use_fast_math", "--maxrregcount=60", "-Xptxas=-O3"]
-
-
-def load_cpu_extension(build_dir: str | os.PathLike | None = None) -> ModuleType:
-    """The CPU twin (fp32, bf16 and fp64); no T_MAX bound on the host."""
-    key = ("cpu", os.fspath(build_dir) if build_dir else None)
+def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> ModuleType:
+    """The WKV extension of `kind` ("cpu": the CPU twin, "cuda": the CUDA kernel), built on first use."""
+    if kind not in _SPECS:
+        raise ValueError(f"wkv: unknown extension kind {kind!r} (expected one of {', '.join(_SPECS)})")
+    key = (kind, os.fspath(build_dir) if build_dir else None)
     with _BUILD_LOCK:
         if key not in _EXTENSIONS:
+            spec = dict(_SPECS[kind])
+            sources = [CUDA_SRC_DIR / s for s in spec.pop("sources")]
             try:
-                _EXTENSIONS[key] = build_extension(
-                    "wkv_cpu",
-                    [CUDA_SRC_DIR / "wkv_cpu.cpp"],
-                    extra_cflags=CPU_CFLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    build_dir=build_dir,
-                )
+                _EXTENSIONS[key] = build_extension(f"wkv_{kind}", sources, build_dir=build_dir, **spec)
             except WKVBuildError as e:
                 _EXTENSIONS[key] = e
-        return _cached(key)
-
-
-def load_cuda_extension(t_max: int, build_dir: str | os.PathLike | None = None) -> ModuleType:
-    """The CUDA kernel (fp32 and bf16 I/O) compiled for sequences of at most t_max steps per call."""
-    if t_max <= 0:
-        raise ValueError(f"wkv: T_MAX (the model config's ctx_len) must be positive, got {t_max}")
-    key = ("cuda", t_max, os.fspath(build_dir) if build_dir else None)
-    with _BUILD_LOCK:
-        if key not in _EXTENSIONS:
-            try:
-                _EXTENSIONS[key] = build_extension(
-                    f"wkv_cuda_t{t_max}_fp32_bf16",
-                    [CUDA_SRC_DIR / "wkv_op.cpp", CUDA_SRC_DIR / "wkv_cuda.cu"],
-                    extra_cflags=["-O3", f"-DWKV_T_MAX={t_max}"],
-                    extra_cuda_cflags=CUDA_CFLAGS + [f"-DWKV_T_MAX={t_max}"],
-                    build_dir=build_dir,
-                )
-            except WKVBuildError as e:
-                _EXTENSIONS[key] = e
-        return _cached(key)
-
-
-def _cached(key: tuple) -> ModuleType:
-    entry = _EXTENSIONS[key]
+        entry = _EXTENSIONS[key]
     if isinstance(entry, WKVBuildError):
         raise entry
     return entry
-
-
-# Chunk length for CUDA when the caller names none (the compiled T_MAX).
-DEFAULT_T_MAX = 1024
 
 
 class _WKVFunction(torch.autograd.Function):
@@ -186,14 +178,14 @@ class _WKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, time_decay, time_first, k, v, ext, chunk):  # type: ignore[override]
-        cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+        cdt = _compute_dtype(k.dtype)
         w = -torch.exp(time_decay.detach().to(cdt)).contiguous()
         u = time_first.detach().to(cdt).contiguous()
         k = k.detach().contiguous()
         v = v.detach().contiguous()
         B, T, C = k.shape
         y = torch.empty_like(k)
-        state = _initial_state(B, C, cdt, k.device)
+        state = initial_state(B, C, cdt, k.device)
         starts = list(range(0, T, chunk))
         states = torch.empty((len(starts), 3, B, C), dtype=cdt, device=k.device)
         with _device_of(k):
@@ -215,7 +207,7 @@ class _WKVFunction(torch.autograd.Function):
         B, T, C = k.shape
         gy = gy.to(k.dtype).contiguous()
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        gstate = _initial_state(B, C, w.dtype, k.device)
+        gstate = initial_state(B, C, w.dtype, k.device)
         gw = torch.zeros((B, C), dtype=w.dtype, device=k.device)
         gu = torch.zeros_like(gw)
         gw_c, gu_c = torch.empty_like(gw), torch.empty_like(gw)
@@ -246,11 +238,49 @@ def _stream_args(k: torch.Tensor) -> tuple[int, ...]:
     return (torch.cuda.current_stream(k.device).cuda_stream,)
 
 
-def _initial_state(B: int, C: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(aa, bb, pp) of an empty history: zero sums, log-scale at 'minus infinity'."""
-    state = torch.zeros((3, B, C), dtype=dtype, device=device)
-    state[2].fill_(MIN_EXP)
-    return state
+def _kernel_for(k: torch.Tensor, backend: str, build_dir) -> ModuleType | None:
+    """The extension to run k on, or None for the reference (only where that is allowed).
+
+    auto: the CUDA kernel on CUDA tensors (a build failure or an unsupported dtype is an error: a GPU
+    never falls back to the Python loop), the CPU twin on CPU tensors (falling back to the reference with
+    a warning if it cannot be built), the reference elsewhere (with a warning: no kernel for that device).
+    """
+    kind = "cuda" if k.is_cuda else ("cpu" if k.device.type == "cpu" else None)
+    if backend == "cuda" and kind != "cuda":
+        raise ValueError("wkv: backend 'cuda' needs CUDA tensors")
+    if backend == "cpu" and kind != "cpu":
+        raise ValueError(f"wkv: backend 'cpu' needs CPU tensors, got {k.device}")
+    if kind is None:
+        warnings.warn(f"wkv: no WKV kernel for {k.device}; using the slow pure-PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if k.dtype not in KERNEL_DTYPES[kind]:
+        if backend == "auto" and kind == "cpu":
+            return None  # e.g. float16 on an old torch: the reference computes in fp32
+        allowed = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES[kind])
+        raise ValueError(
+            f"wkv: the {kind} kernel takes {allowed} inputs, got {k.dtype}"
+            + ("; use backend='reference' for other dtypes" if kind == "cuda" else "")
+        )
+    try:
+        return load_extension(kind, build_dir)
+    except WKVBuildError as e:
+        if backend != "auto" or kind == "cuda":
+            raise
+        warnings.warn(f"wkv: using the slow pure-PyTorch reference because {e}", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _prepare(time_decay, time_first, k, v, chunk_len, t_max):
+    _check_shapes(time_decay, time_first, k, v)
+    if k.dtype != v.dtype:  # e.g. one of them produced outside autocast: compute in the wider type
+        common = torch.promote_types(k.dtype, v.dtype)
+        k, v = k.to(common), v.to(common)
+    if t_max is not None:  # the earlier name of chunk_len
+        chunk_len = chunk_len or t_max
+    if chunk_len is not None and chunk_len < 0:
+        raise ValueError(f"wkv: chunk_len must be positive (or 0/None for no chunking), got {chunk_len}")
+    return k, v, (chunk_len or None)
 
 
 def wkv(
@@ -259,52 +289,65 @@ def wkv(
     k: torch.Tensor,
     v: torch.Tensor,
     backend: str = "auto",
-    t_max: int | None = None,
+    chunk_len: int | None = None,
     build_dir: str | os.PathLike | None = None,
+    *,
+    t_max: int | None = None,
 ) -> torch.Tensor:
     """WKV of RWKV-4: time_decay, time_first (C,) as stored; k, v (B, T, C) -> y (B, T, C) of k's dtype.
 
-    backend: "cuda" (CUDA tensors; fp32/bf16), "cpu" (the CPU twin; fp32/bf16/fp64), "reference"
-    (pure PyTorch), or "auto": the CUDA extension on CUDA tensors, else the CPU one, falling back to the
-    reference with a warning if the extension cannot be built. Differentiable in all four inputs.
-    t_max: the kernel's compile-time sequence bound (the model config's ctx_len); longer inputs run in
-    chunks of t_max steps with the state carried. On CPU it only sets the chunk length (default: none).
+    backend: "cuda" (CUDA tensors; fp32/bf16/fp16), "cpu" (the CPU twin; fp32/bf16/fp16/fp64),
+    "reference" (pure PyTorch), or "auto" (see ``_kernel_for``). Differentiable in all four inputs.
+    chunk_len: run the kernel on chunks of this many steps, the state carried (None or 0: the whole
+    sequence per call). The CUDA backward's scratch is 8 bytes per (b, t, c) of one chunk.
+    t_max: the earlier name of chunk_len, still accepted.
     build_dir: where extensions are built (else $RWKV_WKV_BUILD_DIR, else torch's extensions cache).
     """
     if backend not in BACKENDS:
         raise ValueError(f"wkv: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    _check_shapes(time_decay, time_first, k, v)
-    if k.dtype != v.dtype:  # e.g. one of them produced outside autocast: compute in the wider type
-        common = torch.promote_types(k.dtype, v.dtype)
-        k, v = k.to(common), v.to(common)
-    if t_max is not None and t_max <= 0:
-        raise ValueError(f"wkv: t_max (the model config's ctx_len) must be positive, got {t_max}")
+    k, v, chunk_len = _prepare(time_decay, time_first, k, v, chunk_len, t_max)
     if backend == "reference":
         return wkv_reference(time_decay, time_first, k, v)
-    if backend == "cuda" and not k.is_cuda:
-        raise ValueError("wkv: backend 'cuda' needs CUDA tensors")
-    if backend == "cpu" and k.device.type != "cpu":
-        raise ValueError(f"wkv: backend 'cpu' needs CPU tensors, got {k.device}")
-    if k.dtype not in (torch.float32, torch.bfloat16, torch.float64) or (
-        k.is_cuda and k.dtype == torch.float64
-    ):
-        if backend != "auto":
-            raise ValueError(f"wkv: backend {backend!r} does not take {k.dtype} inputs")
-        return wkv_reference(time_decay, time_first, k, v)
-    try:
-        if k.is_cuda:
-            chunk = t_max or DEFAULT_T_MAX
-            ext = load_cuda_extension(chunk, build_dir)
-        elif k.device.type == "cpu":
-            ext = load_cpu_extension(build_dir)
-            chunk = t_max or max(k.shape[1], 1)
-        else:
-            return wkv_reference(time_decay, time_first, k, v)
-    except WKVBuildError as e:
-        if backend != "auto":
-            raise
-        warnings.warn(f"wkv: using the slow pure-PyTorch reference because {e}", RuntimeWarning, stacklevel=2)
+    ext = _kernel_for(k, backend, build_dir)
+    if ext is None:
         return wkv_reference(time_decay, time_first, k, v)
     if k.shape[1] == 0:
         return torch.empty_like(k)
-    return _WKVFunction.apply(time_decay, time_first, k, v, ext, chunk)
+    return _WKVFunction.apply(time_decay, time_first, k, v, ext, chunk_len or k.shape[1])
+
+
+@torch.no_grad()
+def wkv_with_state(
+    time_decay: torch.Tensor,
+    time_first: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    backend: str = "auto",
+    build_dir: str | os.PathLike | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV after a given history, without gradients (inference): returns (y, state after the last step).
+
+    state: (3, B, C) float32 (aa, bb, pp) as ``initial_state`` makes and the ``rwkv`` package keeps it;
+    it is not modified. Same backends as ``wkv``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"wkv: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    k, v, _ = _prepare(time_decay, time_first, k, v, None, None)
+    B, _, C = k.shape
+    if state.shape != (3, B, C):
+        raise ValueError(f"wkv: state must be (3, {B}, {C}), got {tuple(state.shape)}")
+    cdt = _compute_dtype(k.dtype)
+    w = -torch.exp(time_decay.detach().to(cdt)).contiguous()
+    u = time_first.detach().to(cdt).contiguous()
+    carried = state.to(cdt).clone()
+    ext = None if backend == "reference" else _kernel_for(k, backend, build_dir)
+    if ext is None:
+        y, carried = _reference_scan(w, u, k.to(cdt), v.to(cdt), carried)
+        return y.to(k.dtype), carried.to(state.dtype)
+    k, v = k.contiguous(), v.contiguous()
+    y = torch.empty_like(k)
+    if k.shape[1]:
+        with _device_of(k):
+            ext.forward(w, u, k, v, y, carried, *_stream_args(k))
+    return y, carried.to(state.dtype)
