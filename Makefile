@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	$(PY) bench/model.py
 	$(PY) bench/train.py
 	$(PY) bench/convert_memory.py --preset 169m
+
+# The GPU acceptance run: on the machine's own torch from the source tree (no .venv, no network).
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m launch.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -64,14 +64,15 @@ def generate_ids(
     if not prompt_ids:
         raise ValueError("generation needs a non-empty prompt (at least one token)")
     g = torch.Generator().manual_seed(seed)
-    logits, state = model.forward_rnn(torch.tensor(prompt_ids, dtype=torch.long))
+    device = model.emb.weight.device
+    logits, state = model.forward_rnn(torch.tensor(prompt_ids, dtype=torch.long, device=device))
     out: list[int] = []
     for _ in tqdm(range(max_tokens), desc="generate", unit="tok", leave=False, disable=max_tokens < 64):
         tok = sample_logits(logits.float(), temperature, top_p, g)
         out.append(tok)
         if stop_id is not None and tok == stop_id:
             break
-        logits, state = model.forward_rnn(torch.tensor([tok], dtype=torch.long), state)
+        logits, state = model.forward_rnn(torch.tensor([tok], dtype=torch.long, device=device), state)
     return out
 
 
@@ -93,16 +94,29 @@ def score_ids(model: RWKV, ids: list[int], window: int | None = None) -> ScoreRe
     if len(ids) < 2:
         raise ValueError(f"scoring needs at least 2 tokens, got {len(ids)}")
     window = window or model.cfg.ctx_len
-    t = torch.tensor(ids, dtype=torch.long)
+    t = torch.tensor(ids, dtype=torch.long, device=model.emb.weight.device)
     losses: list[torch.Tensor] = []
     starts = range(0, len(ids) - 1, window)
     for s in tqdm(starts, desc="score", unit="window", leave=False, disable=len(starts) < 4):
         chunk = t[s : s + window + 1]
         logits = model(chunk[:-1].unsqueeze(0))[0].float()
         losses.append(F.cross_entropy(logits, chunk[1:], reduction="none"))
-    all_losses = torch.cat(losses).double()
+    all_losses = torch.cat(losses).double().cpu()
     mean = all_losses.mean().item()
     return ScoreResult(int(all_losses.numel()), mean, math.exp(mean), all_losses.tolist())
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place_model(model: RWKV, device: str, dtype: str) -> RWKV:
+    """Move the model to `device` in `dtype`; a clear ValueError for a device this machine lacks."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return model.to(device=dev, dtype=DTYPES[dtype])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-json", metavar="OUT", help="with --score: also write per-token losses here")
     p.add_argument(
         "--window", type=int, help="with --score: tokens per window (default: the model's ctx_len)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="weights' precision on the device (default fp32; bf16/fp16 on a GPU; the WKV state stays fp32)",
     )
     p.add_argument(
         "--wkv-backend",
@@ -163,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # missing file, unknown spec: the tokenizer's own message says which
         print(f"rwkv-generate: error: tokenizer {spec!r}: {e}", file=sys.stderr)
         return 2
-    model = loaded.model
+    try:
+        model = place_model(loaded.model, args.device, args.dtype)
+    except (ValueError, RuntimeError) as e:
+        print(f"rwkv-generate: error: {e}", file=sys.stderr)
+        return 2
     if args.score:
         path = Path(args.score)
         if not path.is_file():

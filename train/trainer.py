@@ -110,8 +110,9 @@ class _StopRequest:
         self.signum = signum
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    # On the rank's device: NCCL refuses CPU tensors.
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)
     return t.tolist()
 
@@ -258,7 +259,7 @@ class Trainer:
                 b = b.to(self.device)
                 total += float(cross_entropy(self.engine(b[:, :-1]), b[:, 1:])) * b.shape[0]
         self.engine.train()
-        s, n = _all_reduce([total, float(sum(b.shape[0] for b in batches))])
+        s, n = _all_reduce([total, float(sum(b.shape[0] for b in batches))], self.device)
         return s / n if n else None
 
     def save(self, step: int, tokens: int) -> None:
@@ -292,7 +293,7 @@ class Trainer:
                 loss = loss * float("nan")
             value = float(loss.detach())
             finite = math.isfinite(value)
-            total, n_bad = _all_reduce([value if finite else 0.0, 0.0 if finite else 1.0])
+            total, n_bad = _all_reduce([value if finite else 0.0, 0.0 if finite else 1.0], self.device)
             bad = bad or n_bad > 0
             if bad:
                 # Keep DeepSpeed's collectives and accumulation counters in step with a
@@ -380,7 +381,7 @@ class Trainer:
                         metrics.write({"step": step, "val_loss": val, "tokens": tokens})
                         self.log(f"step {step}: val_loss {val:.4f}")
 
-                (signalled,) = _all_reduce([float(stop.signum)], op=dist.ReduceOp.MAX)
+                (signalled,) = _all_reduce([float(stop.signum)], self.device, op=dist.ReduceOp.MAX)
                 if signalled:
                     self.log(f"signal {int(signalled)}: saving a checkpoint at step {step}, then exiting")
                     self.save(step, tokens)
