@@ -65,9 +65,9 @@ def time_steps(model: torch.nn.Module, logits_of, batch: torch.Tensor, iters: in
         if time.perf_counter() - t0 > budget_s or (i == 0 and dt > budget_s / 2):
             break  # one warm-up step that slow means no timed steps fit: report none
     peak = torch.cuda.max_memory_allocated() / 2**30
-    if not times:
-        return {"seconds": None, "peak_gib": peak, "note": f"one step took {dt:.1f} s"}
-    return {"seconds": sorted(times)[len(times) // 2], "peak_gib": peak, "loss": float(loss)}
+    if not times:  # too slow to time more: the warm-up step stands in (an upper bound on its speed)
+        return {"seconds": dt, "peak_gib": peak, "note": "1 warm-up step"}
+    return {"seconds": sorted(times)[len(times) // 2], "peak_gib": peak, "loss": loss.item()}
 
 
 def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: float) -> dict:
@@ -92,10 +92,9 @@ def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: 
         try:
             model = hf_model(cfg).to("cuda", torch.bfloat16)
             res = time_steps(model, lambda m, x: m(input_ids=x).logits, batch, iters, budget_s)
-            if res["seconds"]:
-                row["hf_tokens_per_s"] = tok / res["seconds"]
-                row["ratio"] = row.get("ours_tokens_per_s", 0.0) / row["hf_tokens_per_s"]
-            else:
+            row["hf_tokens_per_s"] = tok / res["seconds"]
+            row["ratio"] = row.get("ours_tokens_per_s", 0.0) / row["hf_tokens_per_s"]
+            if "note" in res:
                 row["hf_note"] = res["note"]
             row["hf_peak_gib"] = res["peak_gib"]
         except torch.cuda.OutOfMemoryError:
@@ -135,6 +134,7 @@ def main() -> int:
         ours = f"{r['ours_tokens_per_s']:,.0f}" if "ours_tokens_per_s" in r else "-"
         mfu = f"{r['ours_mfu']:.1%}" if r.get("ours_mfu") else "-"
         hf = f"{r['hf_tokens_per_s']:,.0f}" if "hf_tokens_per_s" in r else r.get("hf_note", "-")
+        hf += f" ({r['hf_note']})" if "hf_tokens_per_s" in r and "hf_note" in r else ""
         ratio = f"{r['ratio']:.1f}x" if "ratio" in r else "-"
         print(
             f"| {r['preset']} | {r['ctx']} | {r['micro_batch']} | {ours} | {mfu} | {r['ours_peak_gib']:.1f} "

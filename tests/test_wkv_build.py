@@ -258,3 +258,18 @@ def test_header_builds_and_runs_with_plain_cxx(tmp_path):
     assert run.returncode == 0, run.stderr
     y = torch.tensor([float(x) for x in run.stdout.split()], dtype=torch.float64).reshape(1, T, C)
     torch.testing.assert_close(y, wkv_reference(d, u, k, v), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("9.0a", "9.0"), ("8.0;9.0a+PTX", "8.0;9.0+PTX"), ("9.0a 9.0", "9.0"), ("8.6+PTX", "8.6+PTX"), ("", "")],
+)
+def test_arch_list_is_made_readable_for_deepspeed(monkeypatch, given, expected):
+    """An image exporting TORCH_CUDA_ARCH_LIST=9.0a killed every GPU run in DeepSpeed's FusedAdam build."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    ext_build.arch_list_for_deepspeed(log=lambda msg: None)
+    value = os.environ["TORCH_CUDA_ARCH_LIST"]
+    assert value == expected
+    # DeepSpeed's op builder (ops/op_builder/builder.py) sorts the entries by this key:
+    for cc in filter(None, value.split(";")):
+        tuple(int(part.split("+")[0]) for part in cc.split("."))

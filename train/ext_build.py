@@ -21,6 +21,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import sys
 import time
@@ -52,6 +53,31 @@ def cuda_arch_list() -> str:
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{a}.{b}" for a, b in caps)
     return "none"
+
+
+_PLAIN_ARCH = re.compile(r"^\d+\.\d+(\+PTX)?$")
+
+
+def arch_list_for_deepspeed(log=print) -> None:
+    """Make $TORCH_CUDA_ARCH_LIST one that DeepSpeed's op builder can read, before it JIT-builds an op.
+
+    Some CUDA images export arch-specific entries such as ``9.0a``; torch accepts them, but DeepSpeed
+    (0.19) parses each entry as numbers and every run dies building FusedAdam (``invalid literal for
+    int(): '0a'``). The suffix only enables instructions that kernels must ask for, which neither
+    DeepSpeed's ops nor ours do, so ``9.0a`` becomes ``9.0``.
+    """
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    entries = [e for e in re.split(r"[;\s]+", value.strip()) if e]
+    if not entries or all(_PLAIN_ARCH.match(e) for e in entries):
+        return
+    fixed = []
+    for e in entries:
+        m = re.match(r"^(\d+\.\d+)[a-z]*(\+PTX)?$", e)
+        fixed.append(m.group(1) + (m.group(2) or "") if m else e)
+    fixed = list(dict.fromkeys(fixed))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(fixed)
+    log(f"[ext] TORCH_CUDA_ARCH_LIST {value!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} "
+        "(DeepSpeed's op builder cannot read arch suffixes)")
 
 
 def build_key(name: str, sources: list[Path], flags: list[str], include_dirs: list[Path]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpointing, distributed
+from train import checkpointing, distributed, ext_build
 from train.config import RUNTIME_FIELDS, ModelConfig
 from train.data import TokenWindows
 from train.ds_config import fill_ds_config, load_ds_config
@@ -137,6 +137,7 @@ class Trainer:
 
         accel = get_accelerator()
         self.device = torch.device(accel.device_name(self.denv.local_rank))
+        ext_build.arch_list_for_deepspeed(log=self.log)
         if cfg.train.precision == "fp16" and not accel.is_fp16_supported():
             raise ConfigError(
                 f"{cfg.source}: train.precision fp16 is not supported on {accel.device_name()} "
