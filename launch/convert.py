@@ -20,6 +20,7 @@ near one copy of the model.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -247,8 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The package that consumes each format, which --verify runs the converted weights with.
+VERIFIER_PACKAGE = {"rwkv": "rwkv", "hf": "transformers"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    needed = VERIFIER_PACKAGE.get(args.to)
+    if args.verify and needed and importlib.util.find_spec(needed) is None:
+        # Checked before converting: a conversion that cannot be verified as asked writes nothing.
+        print(f"rwkv-convert: error: --verify --to {args.to} runs the weights in the `{needed}` package, "
+              f"which is not installed (pip install {needed}), or leave out --verify", file=sys.stderr)
+        return 2
     try:
         out = convert(args.input, args.to, args.output, args.tag, args.dtype, args.model_config)
         print(f"wrote {args.to} weights ({args.dtype}) to {out}")

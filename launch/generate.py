@@ -37,6 +37,7 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_p: float, genera
     replayed against other logits.  temperature 0 is greedy (still one draw).
     """
     u = torch.rand((), generator=generator, dtype=torch.float64).item()
+    logits = logits.detach().cpu()  # one vector: sampling on the host keeps the draw device-independent
     if temperature <= 0:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.double() / temperature, dim=-1)

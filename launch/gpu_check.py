@@ -62,6 +62,7 @@ REQUIRED = {
     "safetensors": "safetensors",
     "transformers": "transformers",
     "pytest": "pytest",
+    "rwkv": "rwkv",  # convert --verify runs the .pth in it
 }
 WHEEL_HINT = (
     "on a machine with network: `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`"
