@@ -74,3 +74,18 @@ def test_flops_per_token_counts_the_matmuls_of_a_training_step():
     wkv_term = cfg.flops_per_token() - 6 * cfg.matmul_params()
     assert 0 < wkv_term < 0.01 * cfg.flops_per_token()  # the recurrence is a small elementwise term
     assert counter.get_total_flops() == 6 * cfg.matmul_params() * tokens
+
+
+def test_resume_may_change_run_settings_but_not_shapes():
+    """The kernel's chunk length, checkpointing, backend and recorded ctx_len are settings, not shapes."""
+    from train.config import ModelConfig
+
+    saved = ModelConfig.from_preset("tiny", vocab_size=100, wkv_chunk_len=0, ctx_len=256).to_dict()
+    now = ModelConfig.from_preset("tiny", vocab_size=100, wkv_chunk_len=512, ctx_len=4096, grad_cp=True,
+                                  wkv_backend="reference")
+    assert now.shape_changes(saved) == {}
+    wider = ModelConfig.from_preset("tiny", vocab_size=100, n_embd=256, dim_att=256)
+    assert wider.shape_changes(saved) == {"n_embd": (128, 256), "dim_att": (128, 256), "dim_ffn": (512, 1024)}
+    # a checkpoint from before wkv_chunk_len existed still resumes
+    legacy = {k: v for k, v in saved.items() if k != "wkv_chunk_len"}
+    assert now.shape_changes(legacy) == {}

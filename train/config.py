@@ -91,6 +91,18 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def shape_changes(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{field: (saved, now)} for the fields that shape the weights and differ from a saved config.
+
+        Run settings (RUNTIME_FIELDS: the kernel's chunk length, checkpointing, backend, the recorded
+        context length) may change on resume; fields a checkpoint predates are not compared.
+        """
+        return {
+            k: (saved[k], v)
+            for k, v in self.to_dict().items()
+            if k not in RUNTIME_FIELDS and k in saved and saved[k] != v
+        }
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}

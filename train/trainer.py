@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from train import checkpointing, distributed, ext_build
-from train.config import RUNTIME_FIELDS, ModelConfig
+from train.config import ModelConfig
 from train.data import TokenWindows
 from train.ds_config import fill_ds_config, load_ds_config
 from train.loss import cross_entropy, lm_loss
@@ -210,9 +210,7 @@ class Trainer:
             raise TrainingError(f"checkpoint {self.ckpt_dir / tag}: DeepSpeed could not load it")
         saved_model = client.get("model_config")
         if saved_model is not None:
-            current = self.plan.model_cfg.to_dict()
-            diff = {k: (saved_model.get(k), v) for k, v in current.items()
-                    if k not in RUNTIME_FIELDS and saved_model.get(k) != v}
+            diff = self.plan.model_cfg.shape_changes(saved_model)
             if diff:
                 raise ConfigError(
                     f"checkpoint {cand.path}: model differs from the run config (saved, now): {diff}"
