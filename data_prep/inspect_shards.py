@@ -69,5 +69,5 @@ def main(argv: list[str] | None = None) -> int:
         print(inspect(a.target, a.tokenizer, a.samples, a.chars))
     except (OSError, ValueError) as e:
         print(f"data_prep inspect: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
