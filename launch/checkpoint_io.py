@@ -441,9 +441,10 @@ def load_weights(
     inferred = infer_model_config(loaded.shapes())
     if loaded.model_config is None:
         loaded.notes.append("no model config recorded; architecture inferred from tensor shapes")
-    # sizes always from the tensors themselves; other fields (ctx_len, eps, ...) as recorded
-    recorded = {k: v for k, v in (loaded.model_config or {}).items() if v != "auto" and k not in inferred}
-    loaded.model_config = {**recorded, **inferred}
+    # Sizes as recorded where recorded, so that a dropped layer or a wrong shape shows up in the
+    # tensor-by-tensor check (launch.model_loading) instead of shrinking the model; else from the tensors.
+    recorded = {k: v for k, v in (loaded.model_config or {}).items() if v not in ("auto", 0, None)}
+    loaded.model_config = {**inferred, **recorded}
     for note in loaded.notes:
         warnings.warn(note, stacklevel=2)
     return loaded
