@@ -85,6 +85,31 @@ def test_manifest_records_the_largest_token_id(tmp_path, demo_corpus, demo_token
     assert m["max_token_id"] == max(per_shard)
 
 
+def test_prep_node_without_input_files_fails(tmp_path, demo_corpus, demo_tokenizer):
+    # 2 files over 3 nodes: node 0 gets none (nodes split the file list, not the records)
+    r = run("data_prep", "--input", *demo_corpus, "--tokenizer", demo_tokenizer, "--output-prefix",
+            tmp_path / "out", "--num-nodes", "3", "--node-rank", "0", "--workers", "1", "--no-progress")
+    line = error_line(r)
+    assert "--node-rank 0 of --num-nodes 3 got none of the input files" in line
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_old_manifests_without_max_token_id_still_load_and_merge(tmp_path, demo_shards):
+    from conftest import DEMO_VOCAB_SIZE
+
+    from train.data import TokenWindows
+
+    manifest, m = copy_dataset(demo_shards, tmp_path / "data")
+    m.pop("max_token_id")
+    for shard in m["shards"]:
+        shard.pop("max_token_id")
+    manifest.write_text(json.dumps(m))
+    TokenWindows([manifest], ctx_len=64, val_documents=8).limit_vocab(DEMO_VOCAB_SIZE)
+    r = run("data_prep", "merge", "--output", tmp_path / "merged.manifest.json", manifest, demo_shards)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "merged.manifest.json").read_text())["max_token_id"] is None
+
+
 def test_merge_refuses_an_unwritable_output(tmp_path, demo_shards):
     out = f"{UNWRITABLE}/merged.manifest.json"
     line = error_line(run("data_prep", "merge", "--output", out, demo_shards))
