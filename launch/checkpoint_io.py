@@ -385,6 +385,9 @@ def sidecar_config_paths(path: Path) -> list[Path]:
 
 def load_state_dict_file(path: Path, model_config_path: Path | None = None) -> LoadedWeights:
     """A consolidated state dict (``torch.save(model.state_dict())``), or an RWKV .pth."""
+    if model_config_path is not None and not model_config_path.is_file():
+        # a config named on the command line and missing must not fall back to guessing from shapes
+        raise CheckpointError(f"{model_config_path}: model config file not found (--model-config)")
     try:
         obj = load_torch_file(path, weights_only=True)
     except CheckpointError as e:

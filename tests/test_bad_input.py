@@ -213,6 +213,15 @@ def test_convert_refuses_a_cast_that_overflows_fp16(tmp_path, tiny_sd):
     assert not list(tmp_path.glob("o*"))
 
 
+def test_convert_refuses_a_model_config_file_that_does_not_exist(tmp_path, tiny_sd):
+    src = save_weights(tmp_path / "src", tiny_sd)
+    missing = tmp_path / "nonexistent.json"
+    line = error_line(run("launch.convert", "--input", src, "--model-config", missing, "--to", "fp32",
+                          "--output", tmp_path / "o.pt"))
+    assert f"{missing}: model config file not found" in line
+    assert not (tmp_path / "o.pt").exists()
+
+
 @pytest.mark.parametrize("to", ["rwkv", "hf"])
 def test_convert_refuses_an_unwritable_output_before_loading(tmp_path, to):
     # the input does not exist either: the output is what must be named, so it was checked first
