@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         run_prep(settings)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a disk that fills up or an input that vanishes mid-run
         print(f"data_prep: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("data_prep: interrupted; completed shards are kept, re-run the same command to resume",
               file=sys.stderr)
@@ -92,9 +92,9 @@ def merge_main(argv: list[str]) -> int:
 
     try:
         m = merge_manifests(args.manifests, args.output)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"data_prep merge: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"data_prep merge: {len(m['shards'])} shards, {m['documents']} documents, {m['tokens']} tokens "
           f"-> {args.output}", file=sys.stderr)
     return 0

@@ -19,6 +19,18 @@ def _find_manifest(target: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def _decodable(ids: np.ndarray, vocab_size: int, prefix: str, i: int, spec: str) -> list[int]:
+    """The ids of document i, refused when the tokenizer has no piece for one (decoders crash on it)."""
+    top = int(ids.max()) if ids.size else -1
+    if top >= vocab_size:
+        raise ValueError(
+            f"{prefix}: document {i} holds token id {top}, outside tokenizer {spec}'s vocabulary of "
+            f"{vocab_size} (a corrupt shard, or another tokenizer: pass --tokenizer, or --samples 0 for "
+            "counts only)"
+        )
+    return ids.tolist()
+
+
 def inspect(target: str, tokenizer_spec: str | None = None, samples: int = 2, chars: int = 300) -> str:
     """A human-readable report on a binidx prefix or a manifest's shards."""
     man = _find_manifest(target)
@@ -51,7 +63,7 @@ def inspect(target: str, tokenizer_spec: str | None = None, samples: int = 2, ch
                      f"tokens per doc {stats}")
         if tok is not None:
             for i in range(min(samples, len(ds))):
-                text = tok.decode(ds[i].tolist())
+                text = tok.decode(_decodable(ds[i], tok.vocab_size, prefix, i, spec))
                 lines.append(f"  [{i}] {text[:chars]!r}{' ...' if len(text) > chars else ''}")
     lines.append(f"total: {total_docs} documents, {total_tokens} tokens")
     return "\n".join(lines)
@@ -69,5 +81,5 @@ def main(argv: list[str] | None = None) -> int:
         print(inspect(a.target, a.tokenizer, a.samples, a.chars))
     except (OSError, ValueError) as e:
         print(f"data_prep inspect: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0

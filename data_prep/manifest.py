@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .output_paths import check_writable_file
+
 FORMAT = "rwkv-pretrain/binidx-manifest"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("tokenizer", "dtype", "shards")
@@ -70,10 +72,17 @@ def _add_counts(into: dict, more: dict) -> None:
         slot["tokens"] += c["tokens"]
 
 
+def _max_token_id(shards: list[dict]) -> int | None:
+    """Largest token id over the shards; None when a shard's manifest predates the field."""
+    ids = [s.get("max_token_id") for s in shards]
+    return None if any(i is None for i in ids) else max(ids, default=-1)
+
+
 def merge_manifests(paths: list[str | os.PathLike], output: str | os.PathLike) -> dict:
     """One manifest listing the shards of all `paths`, in the order given; refuses mixed tokenizers/dtypes."""
     if not paths:
         raise ValueError("merge: no manifests given")
+    check_writable_file(output, "the merged manifest (--output)")
     output = Path(output).resolve()
     loaded = [(Path(p), load_manifest(p)) for p in paths]
     first_path, first = loaded[0]
@@ -108,6 +117,7 @@ def merge_manifests(paths: list[str | os.PathLike], output: str | os.PathLike) -
         "append_eod": first.get("append_eod", True),
         "documents": sum(s["documents"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
+        "max_token_id": _max_token_id(shards),
         "shards": shards,
         "inputs": inputs,
         "pile_set_names": dict(sorted(sets.items())),

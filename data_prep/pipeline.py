@@ -37,6 +37,7 @@ from tqdm import tqdm
 from . import documents
 from .binidx import BinIdxWriter, MMapIndexedDataset, best_dtype
 from .manifest import FORMAT, FORMAT_VERSION, manifest_path, read_json, write_json_atomic
+from .output_paths import check_writable_file
 from .readers import SUFFIXES, CorruptInputError, count_and_hash, input_kind, iter_records
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -274,6 +275,8 @@ def _shard_complete(state_file: Path, prefix: str, fingerprint: str) -> dict | N
         ds = MMapIndexedDataset(prefix)
         if len(ds) != state["documents"] or ds.n_tokens != state["tokens"]:
             return None
+        if "max_token_id" not in state:  # finished by a version that did not record it
+            state["max_token_id"] = int(ds.tokens.max()) if ds.n_tokens else -1
     except (OSError, ValueError, KeyError):
         return None
     return state
@@ -292,11 +295,12 @@ def run_prep(s: PrepSettings) -> dict:
         raise ValueError(f"--shards must be at least 1, got {s.shards}")
     if s.max_documents is not None and s.max_documents < 0:
         raise ValueError(f"--max-documents must be >= 0, got {s.max_documents}")
+    out_prefix = node_prefix(s.output_prefix, s.num_nodes, s.node_rank)
+    man_path = manifest_path(out_prefix)
+    check_writable_file(man_path, "the token shards and manifest (--output-prefix)")
     files = node_files(expand_inputs(s.inputs), s.num_nodes, s.node_rank)
     tok = load_tokenizer(s.tokenizer, eod_token=s.eod_token)
     dtype = best_dtype(tok.vocab_size)
-    out_prefix = node_prefix(s.output_prefix, s.num_nodes, s.node_rank)
-    man_path = manifest_path(out_prefix)
     fingerprint = _fingerprint(s, tok, files)
     if man_path.is_file():
         try:
@@ -339,6 +343,9 @@ def run_prep(s: PrepSettings) -> dict:
         ok = True
     finally:
         runner.close(ok)
+    if sum(r["documents"] for r in results) == 0:
+        _remove_empty_output(results, state_dir)
+        raise NothingWrittenError(_nothing_written(files, scans, bad_files, results, s))
     seconds = time.time() - t0
     manifest = _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, fingerprint,
                          seconds, resumed)
@@ -346,6 +353,40 @@ def run_prep(s: PrepSettings) -> dict:
     shutil.rmtree(state_dir, ignore_errors=True)
     _summary(manifest, man_path)
     return manifest
+
+
+class NothingWrittenError(ValueError):
+    """The inputs gave no document: an empty shard would only fail later, in training."""
+
+
+def _nothing_written(files: list[Path], scans: list[dict], bad_files: list, results: list[dict],
+                     s: PrepSettings) -> str:
+    """Why no document came out, with the skip counts, for the one-line error."""
+    if not files:
+        return (f"no documents written: --node-rank {s.node_rank} of --num-nodes {s.num_nodes} got none of "
+                "the input files; use fewer nodes than files")
+    skipped: Counter = Counter()
+    for r in results:
+        skipped.update(r["skipped"])
+    if bad_files:
+        skipped["bad_file"] = len(bad_files)
+    records = sum(r["records"] for r in results)
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+    if s.max_documents == 0:
+        why = "--max-documents is 0"
+    elif records == 0:
+        why = f"the {len(files)} input file(s) hold no records"
+    else:
+        why = f"all {records} records read were skipped"
+    return f"no documents written to {s.output_prefix}: {why} (skipped: {counts}); nothing to train on"
+
+
+def _remove_empty_output(results: list[dict], state_dir: Path) -> None:
+    """Leave no 0-document shard behind that a later run could take for a dataset."""
+    for r in results:
+        for suffix in (".bin", ".idx"):
+            Path(f"{r['prefix']}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _scan(runner: _Runner, files: list[Path], s: PrepSettings, state_dir: Path) -> tuple[list[dict], list]:
@@ -386,11 +427,14 @@ def _fill_shard(results: Iterator[tuple[tuple[int, int], dict]], prefix: str, dt
     skipped: Counter = Counter()
     sets: dict[str, dict] = {}
     records = nbytes = 0
+    max_id = -1
     writer = None
     try:
         writer = BinIdxWriter(prefix, dtype)
         for (n_rec, nb), res in results:
             writer.add_documents(res["tokens"], res["sizes"])
+            if res["tokens"].size:
+                max_id = max(max_id, int(res["tokens"].max()))
             skipped.update(res["skipped"])
             for name, (d, t) in res["sets"].items():
                 slot = sets.setdefault(name, {"documents": 0, "tokens": 0})
@@ -405,7 +449,8 @@ def _fill_shard(results: Iterator[tuple[tuple[int, int], dict]], prefix: str, dt
             writer.abort()
         raise
     return {"prefix": prefix, "documents": writer.documents, "tokens": writer.tokens, "records": records,
-            "bytes": nbytes, "skipped": dict(sorted(skipped.items())), "pile_set_names": sets}
+            "max_token_id": max_id, "bytes": nbytes,
+            "skipped": dict(sorted(skipped.items())), "pile_set_names": sets}
 
 
 def _tagged_chunks(segs: list[dict], text_key: str, txt_mode: str) -> Iterator[tuple[list, tuple[int, int]]]:
@@ -490,6 +535,7 @@ def _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, finger
         skipped["bad_file"] = len(bad_files)
     docs = sum(r["documents"] for r in results)
     tokens = sum(r["tokens"] for r in results)
+    max_id = max(r["max_token_id"] for r in results)
     nbytes = sum(r["bytes"] for r in results)
     settings = asdict(s)
     settings.pop("progress")
@@ -501,9 +547,11 @@ def _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, finger
         "append_eod": s.append_eod,
         "documents": docs,
         "tokens": tokens,
+        "max_token_id": max_id,  # checked against the model's vocabulary before training
         "shards": [
             {"prefix": os.path.relpath(Path(r["prefix"]).resolve(), man_dir), "documents": r["documents"],
-             "tokens": r["tokens"], "records": r["records"], "inputs": r["inputs"]}
+             "tokens": r["tokens"], "max_token_id": r["max_token_id"], "records": r["records"],
+             "inputs": r["inputs"]}
             for r in results
         ],
         "inputs": [{"path": x["path"], "bytes": x["bytes"], "sha256": x["sha256"], "records": x["records"]}

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .documents import parse_record
+from .output_paths import check_writable_file
 from .pipeline import expand_inputs
 from .readers import TXT_MODES, iter_records
 
@@ -42,10 +43,31 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, vocab_size: int = 
     """Train and write `model_prefix.model` (and `.vocab`); returns the .model path."""
     import sentencepiece as spm
 
+    check_writable_file(f"{model_prefix}.model", "the tokenizer model (--model-prefix)")
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+    seen = 0
+
+    def sentences() -> Iterator[str]:
+        nonlocal seen
+        for line in corpus_sentences(inputs, text_key, txt_mode):
+            seen += 1
+            yield line
+
+    try:
+        _train(spm, sentences(), model_prefix, vocab_size, model_type, max_sentences, threads)
+    except RuntimeError:
+        if seen == 0:  # sentencepiece only says "[!sentences_.empty()]"
+            raise ValueError(f"{', '.join(map(str, inputs))}: no text to train on (no records, or every "
+                             "record empty or bad)") from None
+        raise
+    return Path(f"{model_prefix}.model")
+
+
+def _train(spm, sentences: Iterator[str], model_prefix: str, vocab_size: int, model_type: str,
+           max_sentences: int | None, threads: int) -> None:
     spm.SentencePieceTrainer.train(
         # Every line is streamed; sentencepiece keeps a uniform random sample of max_sentences of them.
-        sentence_iterator=corpus_sentences(inputs, text_key, txt_mode),
+        sentence_iterator=sentences,
         input_sentence_size=max_sentences or 0,
         shuffle_input_sentence=True,
         model_prefix=str(model_prefix),
@@ -66,7 +88,6 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, vocab_size: int = 
         num_threads=threads,
         minloglevel=2,
     )
-    return Path(f"{model_prefix}.model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = train_sentencepiece(a.input, a.model_prefix, a.vocab_size, a.model_type, a.text_key,
                                    a.txt_mode, a.max_sentences, a.threads)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"train_tokenizer: wrote {path}", file=sys.stderr)
     return 0
 

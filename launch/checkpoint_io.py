@@ -385,6 +385,9 @@ def sidecar_config_paths(path: Path) -> list[Path]:
 
 def load_state_dict_file(path: Path, model_config_path: Path | None = None) -> LoadedWeights:
     """A consolidated state dict (``torch.save(model.state_dict())``), or an RWKV .pth."""
+    if model_config_path is not None and not model_config_path.is_file():
+        # a config named on the command line and missing must not fall back to guessing from shapes
+        raise CheckpointError(f"{model_config_path}: model config file not found (--model-config)")
     try:
         obj = load_torch_file(path, weights_only=True)
     except CheckpointError as e:
@@ -441,9 +444,10 @@ def load_weights(
     inferred = infer_model_config(loaded.shapes())
     if loaded.model_config is None:
         loaded.notes.append("no model config recorded; architecture inferred from tensor shapes")
-    # sizes always from the tensors themselves; other fields (ctx_len, eps, ...) as recorded
-    recorded = {k: v for k, v in (loaded.model_config or {}).items() if v != "auto" and k not in inferred}
-    loaded.model_config = {**recorded, **inferred}
+    # Sizes as recorded where recorded, so that a dropped layer or a wrong shape shows up in the
+    # tensor-by-tensor check (launch.model_loading) instead of shrinking the model; else from the tensors.
+    recorded = {k: v for k, v in (loaded.model_config or {}).items() if v not in ("auto", 0, None)}
+    loaded.model_config = {**inferred, **recorded}
     for note in loaded.notes:
         warnings.warn(note, stacklevel=2)
     return loaded

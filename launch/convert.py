@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from data_prep.output_paths import OutputPathError, check_writable_dir, check_writable_file
 from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec
 from launch.hf_format import hf_config, to_hf_key
 from launch.model_loading import SIDECAR_NAME_HF, load_any_weights, model_config_from
@@ -49,8 +50,18 @@ def _take(loaded: LoadedWeights, name: str, dtype: torch.dtype) -> torch.Tensor:
     src = loaded.pop_tensor(name)
     out = _cast(src, dtype)
     if out is not src:
+        _check_cast(loaded, name, src, out)
         loaded.release(src)
     return out
+
+
+def _check_cast(loaded: LoadedWeights, name: str, src: torch.Tensor, out: torch.Tensor) -> None:
+    """Refuse a cast that turned finite weights into inf (fp16 tops out at 65504): data would be lost."""
+    if out.dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(src).all():
+        raise CheckpointError(
+            f"{loaded.source}: {name} holds values up to {src.abs().max().item():.4g}, beyond fp16's "
+            f"{torch.finfo(torch.float16).max:.0f}; convert with --dtype bf16 or fp32"
+        )
 
 
 def _sidecar(loaded: LoadedWeights) -> dict[str, Any]:
@@ -121,6 +132,15 @@ def output_path(to: str, output: Path) -> Path:
     return output
 
 
+def check_output(to: str, out: Path) -> None:
+    """Refuse, before loading anything, an output that cannot be written (directory for hf)."""
+    if to == "hf":
+        check_writable_dir(out, "the Hugging Face model directory")
+    else:
+        check_writable_file(out, f"the {to} weights")
+        check_writable_file(out.with_suffix(".json"), "the model config beside the weights")
+
+
 def convert(
     input: str | Path,
     to: str,
@@ -134,9 +154,11 @@ def convert(
         raise ValueError(f"unknown output format {to!r}; expected rwkv, hf or fp32")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    out = output_path(to, Path(output))
+    check_output(to, out)
+    # checks every tensor of every layer against the architecture: nothing is dropped silently
     loaded = load_any_weights(input, tag=tag, model_config_path=model_config_path)
     side = _sidecar(loaded)
-    out = output_path(to, Path(output))
     if to == "hf":
         write_hf(loaded, out, DTYPES[dtype])
         (out / SIDECAR_NAME_HF).write_text(json.dumps(side, indent=2) + "\n")
@@ -272,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"over {report['tokens']} tokens "
                 f"({report['text']}; logits up to {report['logit_scale']:.2f})"
             )
-    except CheckpointError as e:
+    except (CheckpointError, OutputPathError) as e:
         print(f"rwkv-convert: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up while writing
+        print(f"rwkv-convert: error: writing {args.output}: {e}", file=sys.stderr)
         return 2
     return 0
 

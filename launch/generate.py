@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_prep.output_paths import OutputPathError, check_writable_file
 from launch.checkpoint_io import CheckpointError, find_tokenizer_spec
 from launch.model_loading import load_model
 from train.model import RWKV
@@ -120,6 +121,16 @@ def place_model(model: RWKV, device: str, dtype: str) -> RWKV:
     return model.to(device=dev, dtype=DTYPES[dtype])
 
 
+def check_ids(ids: list[int], vocab_size: int, tokenizer: str) -> None:
+    """Token ids the model's embedding can look up (a larger tokenizer than the model's is refused)."""
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise ValueError(
+            f"token id {top} from tokenizer {tokenizer!r} is outside the model's vocabulary of "
+            f"{vocab_size}; use the tokenizer the model was trained with"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rwkv-generate", description="Sample from, or score text with, RWKV weights."
@@ -167,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.window is not None and args.window < 1:
         parser.error("--window must be at least 1")
     try:
+        if args.score_json:
+            check_writable_file(args.score_json, "the per-token losses (--score-json)")
         loaded = load_model(args.weights, args.tag, args.model_config, args.wkv_backend)
-    except CheckpointError as e:
+    except (CheckpointError, OutputPathError) as e:
         print(f"rwkv-generate: error: {e}", file=sys.stderr)
         return 2
     spec = args.tokenizer or find_tokenizer_spec(loaded.run_config, loaded.base_dir)
@@ -196,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rwkv-generate: error: {path}: no such file", file=sys.stderr)
             return 2
         try:
-            res = score_ids(model, tok.encode(path.read_text(encoding="utf-8")), args.window)
-        except ValueError as e:
+            ids = tok.encode(path.read_text(encoding="utf-8"))
+            check_ids(ids, model.cfg.vocab_size, spec)
+            res = score_ids(model, ids, args.window)
+        except ValueError as e:  # UnicodeDecodeError too: a binary file
             print(f"rwkv-generate: error: {path}: {e}", file=sys.stderr)
             return 2
         summary = {
@@ -213,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         prompt_ids = [tok.eod_id]  # an empty prompt starts a fresh document
+    try:
+        check_ids(prompt_ids, model.cfg.vocab_size, spec)
+    except ValueError as e:
+        print(f"rwkv-generate: error: --prompt: {e}", file=sys.stderr)
+        return 2
     new = generate_ids(
         model, prompt_ids, args.max_tokens, args.temperature, args.top_p, args.seed, stop_id=tok.eod_id
     )

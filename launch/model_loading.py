@@ -7,6 +7,7 @@ a Hugging Face directory written by ``launch.convert --to hf``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,20 +36,45 @@ def model_config_from(loaded: dict[str, Any], overrides: dict[str, Any] | None =
     known = {f for f in ModelConfig.__dataclass_fields__}
     values = {k: v for k, v in loaded.items() if k in known}
     values.update(overrides or {})
-    return ModelConfig.from_dict(values)
+    try:
+        return ModelConfig.from_dict(values)
+    except (ValueError, TypeError) as e:  # e.g. tensor shapes no RWKV-4 can have (dim_att != n_embd)
+        raise CheckpointError(f"not a usable RWKV-4 model config: {e}") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture has, by name, with its shape (the model itself built on meta)."""
+    with torch.device("meta"):
+        model = RWKV(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _listing(items: list[str], limit: int = 40) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_tensors_match(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, origin: str) -> None:
+    """Refuse weights that lack a tensor of any layer, have one of the wrong shape, or carry extras."""
+    expected = expected_shapes(cfg)
+    missing = [k for k in expected if k not in shapes]
+    misshapen = [f"{k} {tuple(shapes[k])} (expected {v})" for k, v in expected.items()
+                 if k in shapes and tuple(shapes[k]) != v]
+    unexpected = [k for k in shapes if k not in expected]
+    problems = [f"{what} {len(items)}: {_listing(items)}" for what, items in
+                (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)) if items]
+    if problems:
+        raise CheckpointError(
+            f"{origin}: weights do not match RWKV-4 {cfg.n_layer} layers x {cfg.n_embd}, vocab "
+            f"{cfg.vocab_size} ({len(expected)} tensors): " + "; ".join(problems)
+        )
 
 
 def model_from_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, origin: str) -> RWKV:
     """An fp32 `RWKV` holding exactly these tensors (built on the meta device: no wasted init)."""
+    check_tensors_match({k: tuple(v.shape) for k, v in tensors.items()}, cfg, origin)
     with torch.device("meta"):
         model = RWKV(cfg)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{origin}: weights do not match the model config {cfg.n_layer} layers x {cfg.n_embd}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
     fp32 = {k: v.contiguous().to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(fp32, assign=True)
     return model.eval()
@@ -67,29 +93,48 @@ def load_hf_dir(path: Path) -> LoadedWeights:
         hf = load_file(str(st))
     except Exception as e:  # safetensors raises its own error types for damaged headers/truncation
         raise CheckpointError(f"{st}: cannot be read ({type(e).__name__}: {e})") from e
-    tensors = {from_hf_key(k): v for k, v in hf.items()}
-    hf_cfg = json.loads(cfg_file.read_text())
-    sidecar = path / SIDECAR_NAME_HF
-    run_config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    model_cfg = dict(run_config.get("model") or {})
-    model_cfg.update(
-        n_layer=hf_cfg["num_hidden_layers"],
-        n_embd=hf_cfg["hidden_size"],
-        vocab_size=hf_cfg["vocab_size"],
-        dim_ffn=hf_cfg.get("intermediate_size") or 4 * hf_cfg["hidden_size"],
-        ctx_len=hf_cfg.get("context_length", model_cfg.get("ctx_len", 1024)),
-        layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
-    )
+    tensors = {_our_name(k): v for k, v in hf.items()}
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+        sidecar = path / SIDECAR_NAME_HF
+        run_config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        model_cfg = dict(run_config.get("model") or {})
+        model_cfg.update(
+            n_layer=hf_cfg["num_hidden_layers"],
+            n_embd=hf_cfg["hidden_size"],
+            vocab_size=hf_cfg["vocab_size"],
+            dim_ffn=hf_cfg.get("intermediate_size") or 4 * hf_cfg["hidden_size"],
+            ctx_len=hf_cfg.get("context_length", model_cfg.get("ctx_len", 1024)),
+            layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
+        raise CheckpointError(f"{cfg_file}: not an RWKV config.json ({type(e).__name__}: {e})") from None
     return LoadedWeights(tensors, model_cfg, run_config, f"Hugging Face directory {path}", base_dir=path)
+
+
+def _our_name(hf_name: str) -> str:
+    """Our name for an HF tensor; an unknown one keeps its own name, to be reported as unexpected."""
+    try:
+        return from_hf_key(hf_name)
+    except KeyError:
+        return hf_name
 
 
 def load_any_weights(
     path: str | Path, tag: str | None = None, model_config_path: str | Path | None = None
 ) -> LoadedWeights:
+    """Weights from any supported source, checked tensor by tensor against the architecture."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return load_hf_dir(path)
-    return load_weights(path, tag=tag, model_config_path=model_config_path)
+        loaded = load_hf_dir(path)
+    else:
+        loaded = load_weights(path, tag=tag, model_config_path=model_config_path)
+    try:
+        cfg = model_config_from(loaded.model_config or {})
+    except CheckpointError as e:
+        raise CheckpointError(f"{loaded.source}: {e}") from None
+    check_tensors_match(loaded.shapes(), cfg, loaded.source)
+    return loaded
 
 
 def load_model(

@@ -155,7 +155,7 @@ def test_truncated_zst_stops_with_file_and_offset(tmp_path, demo_corpus, demo_to
     bad, good = _truncated_and_good(tmp_path, demo_corpus)
     r = cli("--input", good, bad, "--tokenizer", demo_tokenizer, "--output-prefix", tmp_path / "o",
             "--workers", "1", check=False)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert str(bad) in r.stderr and "truncated zstd stream" in r.stderr and "offset" in r.stderr
     assert "--skip-bad-files" in r.stderr
     assert not list(tmp_path.glob("o*.bin")) and not list(tmp_path.glob("o*.manifest.json"))
@@ -268,11 +268,11 @@ def test_rerun_of_a_finished_job_is_a_no_op(tmp_path, demo_corpus, demo_tokenize
 def test_bad_arguments_are_clear(tmp_path, demo_tokenizer):
     r = cli("--input", tmp_path / "nothing*.jsonl", "--tokenizer", demo_tokenizer, "--output-prefix",
             tmp_path / "o", check=False)
-    assert r.returncode == 1 and "no input files match" in r.stderr
+    assert r.returncode == 2 and "no input files match" in r.stderr
     (tmp_path / "data.csv").write_text("a,b\n")
     r = cli("--input", tmp_path / "data.csv", "--tokenizer", demo_tokenizer, "--output-prefix",
             tmp_path / "o", check=False)
-    assert r.returncode == 1 and "data.csv: unsupported input type" in r.stderr
+    assert r.returncode == 2 and "data.csv: unsupported input type" in r.stderr
 
 
 def test_flat_output_matches_sizes(demo_shards):

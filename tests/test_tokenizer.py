@@ -180,7 +180,7 @@ def test_train_tokenizer_cli(tmp_path):
     assert sp.decode(sp.encode(text)) == text
     r = subprocess.run([*cmd, str(tmp_path / "no.jsonl"),
                         "--model-prefix", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "no.jsonl" in r.stderr
+    assert r.returncode == 2 and "no.jsonl" in r.stderr
 
 
 def test_rwkv_world_without_the_rust_package_falls_back_to_the_trie(monkeypatch):

@@ -23,15 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)  # older deepspeed launchers pass it as a flag
 
+    from data_prep.output_paths import OutputPathError, check_writable_dir
     from train.run_config import ConfigError, load_run_config
 
     try:
         cfg = load_run_config(args.config, args.overrides)
+        # Every rank writes checkpoints here: check before DeepSpeed starts (ranks race: keep it).
+        check_writable_dir(cfg.run_dir, "the run's checkpoints and logs (run_dir)", keep_created=True)
         from train.trainer import run
 
         return run(cfg)
     except ConfigError as e:
         print(f"[train] config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OutputPathError as e:
+        print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -23,6 +23,7 @@ read as consecutive non-overlapping windows.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,29 @@ def _load_manifests(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, 
     return manifests, first
 
 
+def _check_enough_documents(manifest_paths: list[Path], opened: list[tuple[Path, Any]],
+                            val_documents: int) -> None:
+    """Say what is wrong with an empty or too small dataset, in terms the user can act on."""
+    names = ", ".join(str(p) for p in manifest_paths)
+    if sum(len(ds) for _, ds in opened) == 0:
+        raise ConfigError(
+            f"data: the shards of {names} hold no documents (the prep run wrote none); "
+            "run data_prep on inputs with text"
+        )
+    last_prefix, last = opened[-1]
+    if val_documents and len(last) == 0:
+        raise ConfigError(
+            f"data: the last shard {last_prefix} holds no documents, and validation documents are taken "
+            "from the end of the last shard; set data.val_documents: 0 or leave that shard out"
+        )
+    if val_documents >= len(last) > 0:
+        raise ConfigError(
+            f"data: data.val_documents={val_documents} would hold out every one of the {len(last)} "
+            f"documents of the last shard {last_prefix} (validation comes from the end of the last "
+            f"shard); set data.val_documents to at most {len(last) - 1}, or 0"
+        )
+
+
 class TokenWindows:
     """Deterministic `ctx_len + 1` windows over the shards of one or more manifests."""
 
@@ -90,6 +114,9 @@ class TokenWindows:
         manifests, self.tokenizer = _load_manifests(manifest_paths)
         self.vocab_size = int(self.tokenizer["vocab_size"])
         opened: list[tuple[Path, Any]] = []
+        # (manifest, shard, largest token id recorded at prep time; None in older manifests)
+        self.recorded_max_ids: list[tuple[Path, Path, int | None]] = []
+        self.vocab_limit: int | None = None  # set by limit_vocab(); every batch is checked against it
         for mpath, m in zip(manifest_paths, manifests, strict=True):
             if not m.get("shards"):
                 raise ConfigError(f"data manifest {mpath}: lists no shards")
@@ -114,14 +141,10 @@ class TokenWindows:
                         f"the manifest says {m['dtype']}"
                     )
                 opened.append((Path(entry["prefix"]), ds))
+                self.recorded_max_ids.append((mpath, Path(entry["prefix"]), entry.get("max_token_id")))
 
-        # Hold out the last documents of the last shard for validation.
+        _check_enough_documents(manifest_paths, opened, val_documents)
         last_prefix, last = opened[-1]
-        if val_documents >= len(last):
-            raise ConfigError(
-                f"data: val_documents={val_documents} but the last shard {last_prefix} has only "
-                f"{len(last)} documents; lower data.val_documents"
-            )
         self.shards: list[Shard] = []
         for prefix, ds in opened:
             self.shards.append(Shard(prefix, ds.tokens, ds.n_tokens))
@@ -136,13 +159,46 @@ class TokenWindows:
         self.chunk_starts = np.cumsum([0] + counts)  # chunk id -> shard via searchsorted
         self.n_chunks = int(self.chunk_starts[-1])
         if self.n_chunks < 5:
+            train_tokens = sum(sh.train_tokens for sh in self.shards)
             raise ConfigError(
                 f"data: only {self.n_chunks} training windows of {ctx_len + 1} tokens in "
-                f"{', '.join(str(p) for p in manifest_paths)}; need more data or a shorter ctx_len"
+                f"{', '.join(str(p) for p in manifest_paths)} ({train_tokens} training tokens after "
+                f"{val_documents} validation documents); at least 5 are needed: prepare more data, "
+                "or lower train.ctx_len or data.val_documents"
             )
         self.prime = magic_prime(self.n_chunks)
         self.factor = int(self.prime * (math.sqrt(5) - 1) / 2)
         self.n_val_windows = max(0, (len(self.val_tokens) - 1) // ctx_len)
+
+    # ------------------------------------------------------------------------------------ token ids
+    def limit_vocab(self, vocab_size: int) -> None:
+        """Refuse shards whose recorded largest token id has no embedding row, and check every batch
+        from now on: an id past the vocabulary would otherwise end the run inside F.embedding."""
+        for mpath, prefix, top in self.recorded_max_ids:
+            if top is not None and int(top) >= vocab_size:
+                raise ConfigError(
+                    f"data manifest {mpath}: shard {prefix} holds token id {top}, outside the model's "
+                    f"vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); prepare the data with the "
+                    "model's tokenizer, or raise model.vocab_size"
+                )
+        self.vocab_limit = vocab_size
+
+    def _check_ids(self, rows: np.ndarray, where: Callable[[int], tuple[int, int]]) -> None:
+        """One max() and one min() over the int64 batch, before it becomes a tensor (no device sync).
+        `where(i)`: (shard index, first token) of row i, only asked for to name a bad shard."""
+        limit = self.vocab_limit
+        if limit is None or (rows.max() < limit and rows.min() >= 0):
+            return
+        for i, row in enumerate(rows):
+            bad = np.flatnonzero((row < 0) | (row >= limit))
+            if bad.size:
+                s, start = where(i)
+                prefix = self.shards[s].prefix
+                raise ConfigError(
+                    f"data: shard {prefix} holds token id {int(row[bad[0]])} at token {start + int(bad[0])}, "
+                    f"outside the model's vocabulary of {limit} (ids 0..{limit - 1}); the shard is "
+                    f"corrupt or from another tokenizer (see `python -m data_prep inspect {prefix}`)"
+                )
 
     # ------------------------------------------------------------------------------------ train
     def chunk_of(self, g: int) -> int:
@@ -153,9 +209,13 @@ class TokenWindows:
         factor = (self.factor * (epoch + 1)) % p or 1
         return (factor * pow(ii, 3, p)) % p
 
-    def window(self, chunk: int) -> np.ndarray:
+    def locate(self, chunk: int) -> tuple[int, int]:
+        """(shard index, first token) of a chunk."""
         s = int(np.searchsorted(self.chunk_starts, chunk, side="right")) - 1
-        start = (chunk - int(self.chunk_starts[s])) * self.ctx_len
+        return s, (chunk - int(self.chunk_starts[s])) * self.ctx_len
+
+    def window(self, chunk: int) -> np.ndarray:
+        s, start = self.locate(chunk)
         return np.asarray(self.shards[s].tokens[start : start + self.ctx_len + 1], dtype=np.int64)
 
     def sample(self, g: int) -> np.ndarray:
@@ -166,7 +226,10 @@ class TokenWindows:
     ) -> torch.Tensor:
         """(micro_batch, ctx_len + 1) int64 tokens for one micro-batch of one rank."""
         base = ((step * grad_accum + micro) * world + rank) * micro_batch
-        return torch.from_numpy(np.stack([self.sample(base + b) for b in range(micro_batch)]))
+        chunks = [self.chunk_of(base + b) for b in range(micro_batch)]
+        rows = np.stack([self.window(c) for c in chunks])
+        self._check_ids(rows, lambda i: self.locate(chunks[i]))
+        return torch.from_numpy(rows)
 
     # ------------------------------------------------------------------------------------ validation
     def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
@@ -176,8 +239,11 @@ class TokenWindows:
         usable = (self.n_val_windows // world) * world
         ids = list(range(rank, usable, world))[: max_batches * micro_batch]
         out = []
+        last, offset = len(self.shards) - 1, self.shards[-1].train_tokens  # val_tokens' place in its shard
         for i in range(0, len(ids), micro_batch):
-            rows = [np.asarray(self.val_tokens[k * ctx : k * ctx + ctx + 1], dtype=np.int64)
-                    for k in ids[i : i + micro_batch]]
-            out.append(torch.from_numpy(np.stack(rows)))
+            window_ids = ids[i : i + micro_batch]
+            rows = np.stack([np.asarray(self.val_tokens[k * ctx : k * ctx + ctx + 1], dtype=np.int64)
+                             for k in window_ids])
+            self._check_ids(rows, lambda i, w=window_ids: (last, offset + w[i] * ctx))
+            out.append(torch.from_numpy(rows))
         return out

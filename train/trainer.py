@@ -90,6 +90,7 @@ def plan(cfg: RunConfig, world_size: int) -> Plan:
     manifests = [resolve_path(m, cfg) for m in cfg.data.manifests]
     data = TokenWindows(manifests, cfg.train.ctx_len, cfg.data.val_documents, cfg.data.seed)
     model_cfg = resolve_model_config(cfg, data.vocab_size)
+    data.limit_vocab(model_cfg.vocab_size)  # token ids past the embedding: refused, not an IndexError
     cfg.model.overrides = {
         k: v for k, v in model_cfg.to_dict().items() if k != "preset"
     }  # record the resolved sizes, not "auto"
