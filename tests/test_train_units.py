@@ -380,15 +380,17 @@ class _FakeEngine(torch.nn.Module):
         super().__init__()
         self.module = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)).to(device)
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
+        self.n_backward = self.n_step = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.n_backward += 1
         loss.backward()
 
     def step(self) -> None:
-        pass
+        self.n_step += 1
 
 
 class _FakeData:
@@ -403,7 +405,10 @@ class _FakeData:
 
 def test_collectives_get_tensors_on_the_rank_device(monkeypatch):
     """NCCL refuses host tensors: every all-reduce of the loop must get a tensor on the rank's
-    device. The device here is 'meta' (not the CPU), so a host tensor would be caught."""
+    device. The device here is 'meta' (not the CPU), so a host tensor would be caught. Meta tensors
+    cannot be read on the host either, so reaching the step's all-reduce after both micro-batches
+    also shows that no micro-batch synchronised (float(loss), .item()): the all-reduce comes once
+    per step, after every backward and before the accumulation boundary's engine.step()."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -423,11 +428,14 @@ def test_collectives_get_tensors_on_the_rank_device(monkeypatch):
 
     def all_reduce(tensor, op=None, group=None, async_op=False):
         seen.append(tensor.device)
+        counts.append((trainer.engine.n_backward, trainer.engine.n_step))
         raise _Reached
 
+    counts: list[tuple[int, int]] = []
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     with pytest.raises(_Reached):
         trainer._train_step(0, 1e-3)
+    assert counts == [(2, 1)]  # both backward passes done, the boundary step() not yet
     with pytest.raises(_Reached):
         trainer.validate()
     assert seen == [torch.device("meta")] * 2

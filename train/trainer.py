@@ -122,7 +122,7 @@ def _all_reduce_sum(values: torch.Tensor) -> list[float]:
     """Sum a float64 vector over ranks and read it on the host.
 
     The tensor must live on the rank's device: NCCL refuses host tensors (the run would die at the
-    first step). NCCL sums float64 exactly as gloo does. The `.tolist()` is the caller's host sync."""
+    first step); NCCL and gloo both reduce float64. The `.tolist()` is the caller's host sync."""
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values.tolist()
 
