@@ -369,9 +369,9 @@ class Trainer:
         p.nan_skips += 1
         p.last_good = False
         metrics.write({"step": p.step, "skipped_nonfinite": result.n_bad, "tokens": p.tokens})
-        self.log(f"WARNING: non-finite loss at step {p.step} ({result.n_bad} micro-batches over all ranks); "
-                 f"step skipped, weights and optimizer state unchanged ({p.nan_skips} of at most "
-                 f"{t.max_nan_skips})")
+        self.log(f"WARNING: non-finite loss at step {p.step} (non-finite micro-batches over all ranks: "
+                 f"{result.n_bad}); step skipped, weights and optimizer state unchanged (skip {p.nan_skips}; "
+                 f"train.max_nan_skips = {t.max_nan_skips})")
         if p.nan_skips > t.max_nan_skips:
             raise TrainingError(
                 f"non-finite loss {p.nan_skips} times (train.max_nan_skips = {t.max_nan_skips}); "
