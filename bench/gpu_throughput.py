@@ -76,7 +76,7 @@ def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: 
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = torch.randint(0, VOCAB, (micro, ctx + 1), device="cuda", generator=g)
     tok = micro * ctx
-    peak = peak_tflops(0)
+    peak = peak_tflops(0, torch.device("cuda"), "bf16")
     row: dict = {"preset": preset, "ctx": ctx, "micro_batch": micro, "params": cfg.n_params()}
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -119,7 +119,8 @@ def main() -> int:
         print("gpu_throughput: needs a CUDA device (torch.cuda.is_available() is False)")
         return 2
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 dense peak {peak_tflops(0)} TFLOP/s"
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"bf16 dense peak {peak_tflops(0, torch.device('cuda'), 'bf16')} TFLOP/s"
     )
     rows = []
     for preset in args.presets.split(","):

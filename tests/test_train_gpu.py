@@ -1,4 +1,7 @@
-"""The trainer on CUDA: nccl, bf16, DeepSpeed's FusedAdam and the CUDA WKV kernel (skipped without a GPU)."""
+"""The trainer on CUDA: nccl, bf16, DeepSpeed's FusedAdam and the CUDA WKV kernel (skipped without a GPU).
+
+Also the GPU plumbing a CPU twin cannot show: every collective on CUDA tensors (NCCL refuses host
+ones), and a step with a NaN inside the forward pass skipped under NCCL and FusedAdam."""
 
 from __future__ import annotations
 
@@ -31,14 +34,17 @@ def test_zero2_bf16_fused_adam_on_gpus(demo_shards, tmp_path):
            "--master_port", str(port), "-m", "train", "--config", str(REPO / "configs" / "tiny.yaml")]
     for o in (f"data.manifests=[{demo_shards}]", f"run_dir={run_dir}", "train.steps=30",
               "train.precision=bf16", "train.zero_stage=2", "optim.name=adam", "model.wkv_backend=cuda",
-              "log.progress=false",
-              "checkpoint.every=0", "eval.every=0"):
+              "log.progress=false", "train.fault_nan_steps=[5]",
+              "checkpoint.every=0", "eval.every=10"):
         cmd += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if "loss" in r]
-    assert len(train) == 30
+    assert [r["step"] for r in train] == [s for s in range(1, 31) if s != 5]
+    assert [r["step"] for r in recs if "skipped_nonfinite" in r] == [5]
+    assert "non-finite loss at step 5" in out.stdout
     assert sum(r["loss"] for r in train[-5:]) / 5 < train[0]["loss"] - 1.0
     assert all(r["gpu_mem_gib"] > 0 for r in train)
+    assert len([r for r in recs if "val_loss" in r]) == 3  # steps 10, 20 and the end

@@ -273,3 +273,170 @@ def test_validation_batches_equal_on_every_rank(demo_shards):
         rows = {tuple(x.tolist()) for r in range(world) for b in data.val_batches(r, world, micro, 10_000)
                 for x in b}
         assert len(rows) == (data.n_val_windows // world) * world
+
+
+# ------------------------------------------------------------------------------------ MFU peaks
+@pytest.mark.parametrize(
+    "name, precision, tf32, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4),  # SXM5
+        ("NVIDIA H100 80GB HBM3", "fp32", False, 66.9),  # torch's default: no TF32 for matmuls
+        ("NVIDIA H100 80GB HBM3", "fp32", True, 494.7),
+        ("NVIDIA H100 PCIe", "bf16", False, 756.5),
+        ("NVIDIA H100 NVL", "fp16", False, 835.5),
+        ("NVIDIA H200", "bf16", False, 989.4),
+        ("NVIDIA H200 NVL", "bf16", False, 835.5),
+        ("NVIDIA GH200 480GB", "bf16", False, 989.4),
+        ("NVIDIA A100-SXM4-40GB", "bf16", False, 312.0),
+        ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0),
+        ("NVIDIA A100-PCIE-40GB", "bf16", False, 312.0),
+        ("NVIDIA A100 80GB PCIe", "fp32", False, 19.5),
+        ("NVIDIA L40S", "bf16", False, 362.05),
+        ("NVIDIA L4", "bf16", False, 121.0),
+        ("NVIDIA A10", "bf16", False, 125.0),
+        ("Tesla V100-SXM2-32GB", "fp16", False, 125.0),
+        ("Tesla V100-SXM2-32GB", "bf16", False, None),  # no bf16 tensor cores
+        ("NVIDIA A10G", "bf16", False, None),  # no published NVIDIA figure
+        ("NVIDIA GeForce RTX 4090", "bf16", False, None),
+    ],
+)
+def test_peak_tflops_by_exact_device_model(name, precision, tf32, expected):
+    from train.metrics import device_peak_tflops
+
+    assert device_peak_tflops(name, precision, tf32) == expected
+
+
+def test_peak_tflops_configured_cpu_and_unknown():
+    from train.metrics import mfu, peak_tflops
+
+    assert peak_tflops(500.0, torch.device("cuda", 0), "bf16") == 500.0  # log.peak_tflops wins
+    assert peak_tflops(0.0, torch.device("cpu"), "fp32") == 1.0  # nominal, relative figure only
+    assert peak_tflops(0.0, torch.device("meta"), "bf16") is None
+    assert mfu(1000.0, 1e9, 2, None) is None
+    assert mfu(1000.0, 1e9, 2, 1.0) == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------ non-finite guard
+def test_gradient_gate_keeps_nan_out_of_parameter_gradients():
+    from train.nonfinite import GradientGate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    good, bad = torch.randn(2, 4), torch.randn(2, 4)
+    bad[0, 0] = float("nan")  # a NaN inside the forward pass
+    # Why a gate: zeroing the loss does not zero the gradient of a NaN graph (0 * NaN = NaN).
+    (model(bad).sum() * 0.0).backward()
+    assert torch.isnan(model[2].weight.grad).any() and torch.isnan(model[0].weight.grad).any()
+
+    model.zero_grad(set_to_none=True)
+    model(good).sum().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    gate = GradientGate(model.parameters(), torch.device("cpu"))
+    for x in (good, bad):  # a finite micro-batch, then a NaN one, accumulated
+        loss = model(x).sum()
+        assert bool(gate.set(loss)) == (x is good)
+        loss.backward()
+    for p, ref in zip(model.parameters(), reference, strict=True):
+        assert torch.equal(p.grad, ref)  # the NaN micro-batch added exact zeros
+    gate.remove()
+    model(bad).sum().backward()
+    assert torch.isnan(model[0].weight.grad).any()  # hooks removed
+
+
+def test_optimizer_update_skipped_leaves_weights_and_adam_state_alone():
+    from types import SimpleNamespace
+
+    from train.nonfinite import optimizer_update_skipped, torch_optimizers
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+
+    def state() -> list[torch.Tensor]:
+        return [t.clone() for p in model.parameters() for t in (p.detach(), *opt.state[p].values())]
+
+    before = state()
+    with optimizer_update_skipped(opt):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, state(), strict=True))
+    opt.step()  # the real step is back
+    assert not torch.equal(before[0], model.weight.detach())
+    assert opt.state[model.weight]["step"] == 2
+    # DeepSpeed wrappers keep the torch optimizer as .optimizer (ZeRO 3 offload also .backup_optimizer)
+    assert torch_optimizers(SimpleNamespace(optimizer=opt, backup_optimizer=None)) == [opt]
+    with pytest.raises(TypeError, match="cannot find the torch optimizer"):
+        torch_optimizers(SimpleNamespace())
+
+
+class _Reached(Exception):
+    """Raised by the patched collective: the test has seen what it needed."""
+
+
+class _FakeEngine(torch.nn.Module):
+    """The engine methods the loop uses, on a small model."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        super().__init__()
+        self.module = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)).to(device)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
+        self.n_backward = self.n_step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.n_backward += 1
+        loss.backward()
+
+    def step(self) -> None:
+        self.n_step += 1
+
+
+class _FakeData:
+    n_val_windows = 8
+
+    def batch(self, step, micro, rank, world, micro_batch_size, grad_accum):
+        return torch.randint(0, 16, (micro_batch_size, 9))
+
+    def val_batches(self, rank, world, micro_batch_size, n):
+        return [torch.randint(0, 16, (micro_batch_size, 9)) for _ in range(n)]
+
+
+def test_collectives_get_tensors_on_the_rank_device(monkeypatch):
+    """NCCL refuses host tensors: every all-reduce of the loop must get a tensor on the rank's
+    device. The device here is 'meta' (not the CPU), so a host tensor would be caught. Meta tensors
+    cannot be read on the host either, so reaching the step's all-reduce after both micro-batches
+    also shows that no micro-batch synchronised (float(loss), .item()): the all-reduce comes once
+    per step, after every backward and before the accumulation boundary's engine.step()."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from train.nonfinite import GradientGate
+    from train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # no process group: only what the loop reads
+    trainer.cfg = load_run_config(TINY, ["train.grad_accum=2", "eval.batches=2"])
+    trainer.plan = SimpleNamespace(data=_FakeData())
+    trainer.rank, trainer.world, trainer.device = 0, 2, torch.device("meta")
+    trainer.engine = _FakeEngine(16, trainer.device)
+    trainer.stop = SimpleNamespace(signum=0)
+    trainer.gate = GradientGate(trainer.engine.module.parameters(), trainer.device)
+    trainer._fault_now = False
+    seen: list[torch.device] = []
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        seen.append(tensor.device)
+        counts.append((trainer.engine.n_backward, trainer.engine.n_step))
+        raise _Reached
+
+    counts: list[tuple[int, int]] = []
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(_Reached):
+        trainer._train_step(0, 1e-3)
+    assert counts == [(2, 1)]  # both backward passes done, the boundary step() not yet
+    with pytest.raises(_Reached):
+        trainer.validate()
+    assert seen == [torch.device("meta")] * 2

@@ -8,29 +8,76 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Dense bf16 peak per device in TFLOP/s (no sparsity), by substring of the CUDA device name.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
-CPU_DEFAULT_PEAK_TFLOPS = 1.0
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """Published dense peaks of one device model in TFLOP/s (no 2:4 sparsity); None: not supported."""
+
+    bf16: float | None  # bf16 tensor cores (fp16 is the same on every device listed)
+    fp16: float
+    tf32: float | None  # fp32 matmuls when TF32 is allowed
+    fp32: float  # plain fp32 (CUDA cores), torch's default for fp32 matmuls
 
 
-def peak_tflops(configured: float) -> float:
+# By pattern on torch.cuda.get_device_name(), most specific first. Figures from NVIDIA's data sheets
+# (the "with sparsity" figures halved): H100 SXM5/PCIe/NVL, H200 SXM/NVL, A100, L40S, L40, L4, A10, V100.
+GPU_PEAKS: list[tuple[str, DevicePeak]] = [
+    (r"H100.*NVL", DevicePeak(bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)),
+    (r"H100.*PCIe", DevicePeak(bf16=756.5, fp16=756.5, tf32=378.0, fp32=51.2)),
+    (r"H100", DevicePeak(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # SXM5: "H100 80GB HBM3"
+    (r"H200.*NVL", DevicePeak(bf16=835.5, fp16=835.5, tf32=417.5, fp32=60.0)),
+    (r"H200", DevicePeak(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9)),  # SXM, and GH200
+    (r"A100", DevicePeak(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5)),  # SXM4 and PCIe, 40/80 GB
+    (r"L40S", DevicePeak(bf16=362.05, fp16=362.05, tf32=183.0, fp32=91.6)),
+    (r"L40\b", DevicePeak(bf16=181.05, fp16=181.05, tf32=90.5, fp32=90.5)),
+    (r"L4\b", DevicePeak(bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3)),
+    (r"A10\b", DevicePeak(bf16=125.0, fp16=125.0, tf32=62.5, fp32=31.2)),  # not A10G (no NVIDIA figure)
+    (r"V100.*PCIe", DevicePeak(bf16=None, fp16=112.0, tf32=None, fp32=14.0)),
+    (r"V100", DevicePeak(bf16=None, fp16=125.0, tf32=None, fp32=15.7)),  # SXM2
+]
+# CPU runs: a nominal 1 TFLOP/s per process, so MFU on CPU is a relative figure only.
+CPU_NOMINAL_PEAK_TFLOPS = 1.0
+
+
+def device_peak_tflops(device_name: str, precision: str, tf32: bool = False) -> float | None:
+    """Dense peak TFLOP/s of `device_name` at a training precision (bf16 | fp16 | fp32); None if unknown.
+
+    fp32 counts at the TF32 tensor-core peak only when TF32 matmuls are allowed (`tf32`)."""
+    for pattern, peak in GPU_PEAKS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            if precision == "bf16":
+                return peak.bf16
+            if precision == "fp16":
+                return peak.fp16
+            return peak.tf32 if tf32 and peak.tf32 is not None else peak.fp32
+    return None
+
+
+def peak_tflops(configured: float, device: torch.device, precision: str) -> float | None:
+    """Per-device peak for MFU: log.peak_tflops when set, else the table by device name; None if unknown."""
     if configured > 0:
         return configured
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-    return CPU_DEFAULT_PEAK_TFLOPS
+    if device.type == "cpu":
+        return CPU_NOMINAL_PEAK_TFLOPS
+    if device.type != "cuda":
+        return None
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return device_peak_tflops(torch.cuda.get_device_name(device), precision, tf32)
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops_per_device: float) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the job's peak."""
+def mfu(
+    tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops_per_device: float | None
+) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the job's peak (None without a peak)."""
+    if not peak_tflops_per_device:
+        return None
     return tokens_per_s * flops_per_token / (world_size * peak_tflops_per_device * 1e12)
 
 

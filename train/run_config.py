@@ -52,7 +52,7 @@ class TrainSection:
     global_batch_size: int = 0  # sequences per optimizer step; >0 derives grad_accum from the world size
     l2wrap: bool = True  # RWKV-LM's L2Wrap logit regulariser
     max_nan_skips: int = 3  # non-finite losses skipped before the run stops with an error
-    fault_nan_steps: list[int] = field(default_factory=list)  # fault injection: make these steps' loss NaN
+    fault_nan_steps: list[int] = field(default_factory=list)  # fault injection: NaN in these steps' forward
 
 
 @dataclass
@@ -86,7 +86,7 @@ class CheckpointSection:
 class LogSection:
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
-    peak_tflops: float = 0.0  # per device, for MFU; 0 -> known GPU table, or 1.0 per CPU process
+    peak_tflops: float = 0.0  # per device, for MFU; 0 -> table by device model (None if unknown), 1.0 on CPU
 
 
 @dataclass

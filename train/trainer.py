@@ -8,7 +8,6 @@ metrics, signal-triggered and periodic checkpoints.
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from train.data import TokenWindows
 from train.ds_config import fill_ds_config, load_ds_config
 from train.loss import cross_entropy, lm_loss
 from train.metrics import MetricsWriter, mfu, peak_tflops, truncate_metrics
+from train.nonfinite import GradientGate, optimizer_update_skipped
 from train.optim import apply_lr, param_groups, torch_adamw
 from train.run_config import ConfigError, RunConfig, dump_yaml, resolve_path
 from train.schedule import lr_at
@@ -102,20 +102,24 @@ def plan(cfg: RunConfig, world_size: int) -> Plan:
 class _StopRequest:
     """SIGTERM / SIGUSR1 (e.g. SLURM preemption): checkpoint at the next step boundary, then exit."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self) -> None:
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
 
-def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
-    # On the rank's device: NCCL refuses CPU tensors.
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
+def _all_reduce_sum(values: torch.Tensor) -> list[float]:
+    """Sum a float64 vector over ranks and read it on the host.
+
+    The tensor must live on the rank's device: NCCL refuses host tensors (the run would die at the
+    first step); NCCL and gloo both reduce float64. The `.tolist()` is the caller's host sync."""
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.tolist()
 
 
 def _grad_norm(engine: Any) -> float | None:
@@ -123,6 +127,25 @@ def _grad_norm(engine: Any) -> float | None:
     if g is None:
         return None
     return float(g.item() if torch.is_tensor(g) else g)
+
+
+@dataclass
+class Progress:
+    """Where the run stands between optimizer steps."""
+
+    step: int = 0  # optimizer steps done, skipped ones included (the data position)
+    tokens: int = 0  # tokens read, skipped steps included (the LR schedule follows the data)
+    nan_skips: int = 0
+    last_good: bool = True  # the last step was not skipped
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # mean over ranks and micro-batches; None when skipped
+    skipped: bool
+    n_bad: int  # non-finite micro-batches over all ranks
+    signum: int  # a stop signal some rank received, else 0
+    grad_norm: float | None
 
 
 class Trainer:
@@ -246,21 +269,155 @@ class Trainer:
             )
         )
 
-    # ------------------------------------------------------------------------------- loop
+    # ------------------------------------------------------------------------------- run setup
+    def _setup_run(self) -> Progress:
+        """Process group, resolved config on disk, engine (resumed when a checkpoint exists),
+        the non-finite gradient gate and the schedule's constants."""
+        cfg, t, o = self.cfg, self.cfg.train, self.cfg.optim
+        distributed.init_process_group(self.denv)
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            text = dump_yaml(cfg)
+            (self.run_dir / "config.resolved.yaml").write_text(text)
+            print("[train] resolved config:\n" + text, flush=True)
+        cand, universal = self._find_resume()
+        self._build_engine(universal)
+        step, tokens = self._resume(cand, universal) if cand else (0, 0)
+        self._banner()
+
+        self.stop = _StopRequest()
+        self.gate = GradientGate(self.engine.module.parameters(), self.device)
+        self._fault_now = False
+        if t.fault_nan_steps:
+            self._install_fault_hook()
+        self.tokens_per_step = cfg.tokens_per_step(self.world)
+        self.decay_tokens = o.decay_tokens or max(1, t.steps * self.tokens_per_step - o.warmup_tokens)
+        self.flops_per_token = self.plan.model_cfg.flops_per_token(t.ctx_len)
+        self.peak = peak_tflops(cfg.log.peak_tflops, self.device, t.precision)
+        if self.peak is None:
+            name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+            self.log(f"MFU is not reported: no peak TFLOP/s known for {name!r} at {t.precision}; "
+                     "set log.peak_tflops to the device's dense peak")
+        return Progress(step=step, tokens=tokens)
+
+    def _install_fault_hook(self) -> None:
+        """train.fault_nan_steps: rank 0's embedding output becomes NaN in the first micro-batch of
+        those steps, so the NaN runs through the whole forward and backward pass like a real one."""
+
+        def poison(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            return output * float("nan") if self._fault_now else output
+
+        self.engine.module.get_submodule("emb").register_forward_hook(poison)
+
+    def _lr_at(self, tokens: int) -> float:
+        o = self.cfg.optim
+        return lr_at(tokens, o.lr_init, o.lr_final, o.warmup_tokens, self.decay_tokens, o.decay)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # From pinned memory the copy is asynchronous: the host does not wait for the GPU here.
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    # ------------------------------------------------------------------------------- one step
+    def _train_step(self, step: int, lr: float) -> StepResult:
+        """The micro-batches of optimizer step `step` (0-based), then the engine's update.
+
+        Nothing is read back to the host per micro-batch: losses and non-finite flags accumulate on
+        the device, and one all-reduce of [loss sum, non-finite micro-batches, signals], right
+        before the accumulation boundary's engine.step(), decides whether the update is skipped.
+        A non-finite micro-batch on any rank skips the whole step (see train/nonfinite.py): its
+        gradient is gated to zero, and the optimizer leaves weights and state untouched."""
+        t, engine = self.cfg.train, self.engine
+        apply_lr(engine.optimizer, lr)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(t.grad_accum):
+            batch = self.plan.data.batch(step, micro, self.rank, self.world, t.micro_batch_size, t.grad_accum)
+            batch = self._to_device(batch)
+            self._fault_now = self.rank == 0 and micro == 0 and (step + 1) in t.fault_nan_steps
+            logits = engine(batch[:, :-1])
+            self._fault_now = False
+            loss, ce = lm_loss(logits, batch[:, 1:], t.l2wrap)
+            finite = self.gate.set(ce)
+            loss_sum += torch.where(finite, ce.detach().double(), 0.0)
+            n_bad += (~finite).double()
+            engine.backward(loss)
+            if micro < t.grad_accum - 1:
+                engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+        signals = torch.tensor([float(self.stop.signum == s) for s in _StopRequest.SIGNALS],
+                               dtype=torch.float64, device=self.device)
+        total, bad, *signalled = _all_reduce_sum(torch.cat([torch.stack([loss_sum, n_bad]), signals]))
+        signum = next((s for s, n in zip(_StopRequest.SIGNALS, signalled, strict=True) if n > 0), 0)
+        if bad > 0:
+            apply_lr(engine.optimizer, 0.0)
+            with optimizer_update_skipped(engine.optimizer):
+                engine.step()
+            return StepResult(None, True, int(bad), int(signum), None)
+        engine.step()
+        return StepResult(total / (self.world * t.grad_accum), False, 0, int(signum), _grad_norm(engine))
+
+    # ------------------------------------------------------------------------------- bookkeeping
+    def _on_skipped_step(self, p: Progress, result: StepResult, metrics: MetricsWriter) -> None:
+        t = self.cfg.train
+        p.nan_skips += 1
+        p.last_good = False
+        metrics.write({"step": p.step, "skipped_nonfinite": result.n_bad, "tokens": p.tokens})
+        self.log(f"WARNING: non-finite loss at step {p.step} (non-finite micro-batches over all ranks: "
+                 f"{result.n_bad}); step skipped, weights and optimizer state unchanged (skip {p.nan_skips}; "
+                 f"train.max_nan_skips = {t.max_nan_skips})")
+        if p.nan_skips > t.max_nan_skips:
+            raise TrainingError(
+                f"non-finite loss {p.nan_skips} times (train.max_nan_skips = {t.max_nan_skips}); "
+                f"stopping at step {p.step}. The last good checkpoint in {self.ckpt_dir} is kept; "
+                "lower optim.lr_init or check the data"
+            )
+
+    def _log_step(self, p: Progress, result: StepResult, lr: float, seconds: float, metrics: MetricsWriter,
+                  bar: Any) -> None:
+        tps = self.tokens_per_step / seconds
+        record: dict[str, Any] = {
+            "step": p.step,
+            "loss": result.loss,
+            "lr": lr,
+            "tokens": p.tokens,
+            "tokens_per_s": tps,
+            "grad_norm": result.grad_norm,
+            "mfu": mfu(tps, self.flops_per_token, self.world, self.peak),
+        }
+        if self.device.type == "cuda":
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        metrics.write(record)
+        if bar is not None:
+            bar.update(1)
+            util = "n/a" if record["mfu"] is None else f"{record['mfu']:.2%}"
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}", mfu=util)
+
     def validate(self) -> float | None:
+        """Mean validation loss over every rank's held-out windows (one all-reduce, one host read)."""
         cfg, t = self.cfg, self.cfg.train
         if cfg.eval.batches <= 0 or self.plan.data.n_val_windows < self.world:
             return None
         batches = self.plan.data.val_batches(self.rank, self.world, t.micro_batch_size, cfg.eval.batches)
         self.engine.eval()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for b in batches:
-                b = b.to(self.device)
-                total += float(cross_entropy(self.engine(b[:, :-1]), b[:, 1:])) * b.shape[0]
+                b = self._to_device(b)
+                total += cross_entropy(self.engine(b[:, :-1]), b[:, 1:]).double() * b.shape[0]
         self.engine.train()
-        s, n = _all_reduce([total, float(sum(b.shape[0] for b in batches))], self.device)
+        n = float(sum(b.shape[0] for b in batches))
+        s, n = _all_reduce_sum(torch.stack([total, torch.tensor(n, dtype=torch.float64, device=self.device)]))
         return s / n if n else None
+
+    def _maybe_validate(self, p: Progress, metrics: MetricsWriter, final: bool = False) -> None:
+        every = self.cfg.eval.every
+        if not final and not (every and p.step % every == 0 and p.step < self.cfg.train.steps):
+            return
+        val = self.validate()
+        if val is not None:
+            metrics.write({"step": p.step, "val_loss": val, "tokens": p.tokens})
+            self.log(f"final val_loss {val:.4f}" if final else f"step {p.step}: val_loss {val:.4f}")
 
     def save(self, step: int, tokens: int) -> None:
         client = {
@@ -276,127 +433,50 @@ class Trainer:
         )
         self.log(f"saved checkpoint {path}")
 
-    def _optimizer_step(self, step: int, lr: float) -> tuple[float, bool]:
-        """Micro-batches of optimizer step `step` (0-based) through the engine.
+    def _maybe_checkpoint(self, p: Progress) -> None:
+        every = self.cfg.checkpoint.every
+        # Not right after a skipped step, so the newest checkpoint is always one after a good step.
+        if every and p.step % every == 0 and p.step < self.cfg.train.steps and p.last_good:
+            self.save(p.step, p.tokens)
 
-        Returns (mean loss over ranks and micro-batches, whether the step was skipped because some
-        rank saw a non-finite loss)."""
-        t, data, engine = self.cfg.train, self.plan.data, self.engine
-        apply_lr(self.optimizer, lr)
-        loss_sum, bad = 0.0, False
-        for micro in range(t.grad_accum):
-            batch = data.batch(step, micro, self.rank, self.world, t.micro_batch_size, t.grad_accum)
-            batch = batch.to(self.device)
-            logits = engine(batch[:, :-1])
-            loss, ce = lm_loss(logits, batch[:, 1:], t.l2wrap)
-            if (step + 1) in t.fault_nan_steps:
-                loss = loss * float("nan")
-            value = float(loss.detach())
-            finite = math.isfinite(value)
-            total, n_bad = _all_reduce([value if finite else 0.0, 0.0 if finite else 1.0], self.device)
-            bad = bad or n_bad > 0
-            if bad:
-                # Keep DeepSpeed's collectives and accumulation counters in step with a
-                # zero-gradient backward; lr 0 turns the update into a no-op.
-                engine.backward(ce * 0.0)
-                apply_lr(self.optimizer, 0.0)
-            else:
-                engine.backward(loss)
-                loss_sum += total
-            engine.step()
-        return loss_sum / (self.world * t.grad_accum), bad
+    def _finish(self, p: Progress, metrics: MetricsWriter) -> None:
+        self._maybe_validate(p, metrics, final=True)
+        final_tag = self.ckpt_dir / checkpointing.tag_for(p.step)
+        if p.last_good and not (final_tag / checkpointing.MARKER).exists():
+            self.save(p.step, p.tokens)
+        self.log(f"done: {p.step} steps, {p.tokens:,} tokens")
 
+    # ------------------------------------------------------------------------------- the loop
     def train(self) -> None:
-        cfg, t, o = self.cfg, self.cfg.train, self.cfg.optim
-        distributed.init_process_group(self.denv)
-        if self.rank == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            text = dump_yaml(cfg)
-            (self.run_dir / "config.resolved.yaml").write_text(text)
-            print("[train] resolved config:\n" + text, flush=True)
-        cand, universal = self._find_resume()
-        self._build_engine(universal)
-        step, tokens = self._resume(cand, universal) if cand else (0, 0)
-        self._banner()
-
-        stop = _StopRequest()
-        metrics = MetricsWriter(self.run_dir, self.rank == 0, cfg.log.tensorboard)
-        tokens_per_step = cfg.tokens_per_step(self.world)
-        decay_tokens = o.decay_tokens or max(1, t.steps * tokens_per_step - o.warmup_tokens)
-        flops_per_token = self.plan.model_cfg.flops_per_token(t.ctx_len)
-        peak = peak_tflops(cfg.log.peak_tflops)
-        engine = self.engine
-        nan_skips = 0
-        last_good = True
+        t = self.cfg.train
+        p = self._setup_run()
+        metrics = MetricsWriter(self.run_dir, self.rank == 0, self.cfg.log.tensorboard)
         bar = None
-        if self.rank == 0 and cfg.log.progress:
+        if self.rank == 0 and self.cfg.log.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=t.steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
         try:
-            while step < t.steps:
+            while p.step < t.steps:
                 t0 = time.perf_counter()
-                lr = lr_at(
-                    tokens + tokens_per_step, o.lr_init, o.lr_final, o.warmup_tokens, decay_tokens, o.decay
-                )
-                loss_mean, bad = self._optimizer_step(step, lr)
-                step += 1
-                if bad:
-                    nan_skips += 1
-                    last_good = False
-                    self.log(f"WARNING: non-finite loss at step {step}; step skipped "
-                             f"({nan_skips} of at most {t.max_nan_skips})")
-                    if nan_skips > t.max_nan_skips:
-                        raise TrainingError(
-                            f"non-finite loss {nan_skips} times (train.max_nan_skips = {t.max_nan_skips}); "
-                            f"stopping at step {step}. The last good checkpoint in {self.ckpt_dir} is kept; "
-                            "lower optim.lr_init or check the data"
-                        )
-                    continue
-                last_good = True
-                tokens += tokens_per_step
-                dt = time.perf_counter() - t0
-                tps = tokens_per_step / dt
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": loss_mean,
-                    "lr": lr,
-                    "tokens": tokens,
-                    "tokens_per_s": tps,
-                    "grad_norm": _grad_norm(engine),
-                    "mfu": mfu(tps, flops_per_token, self.world, peak),
-                }
-                if self.device.type == "cuda":
-                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                metrics.write(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.2%}"
-                    )
-
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
-                    val = self.validate()
-                    if val is not None:
-                        metrics.write({"step": step, "val_loss": val, "tokens": tokens})
-                        self.log(f"step {step}: val_loss {val:.4f}")
-
-                (signalled,) = _all_reduce([float(stop.signum)], self.device, op=dist.ReduceOp.MAX)
-                if signalled:
-                    self.log(f"signal {int(signalled)}: saving a checkpoint at step {step}, then exiting")
-                    self.save(step, tokens)
+                lr = self._lr_at(p.tokens + self.tokens_per_step)
+                result = self._train_step(p.step, lr)
+                p.step += 1
+                p.tokens += self.tokens_per_step  # read even when skipped: the schedule follows the data
+                if result.skipped:
+                    self._on_skipped_step(p, result, metrics)
+                else:
+                    p.last_good = True
+                    self._log_step(p, result, lr, time.perf_counter() - t0, metrics, bar)
+                    self._maybe_validate(p, metrics)
+                if result.signum:
+                    # Also right after a skipped step: its weights and optimizer state are the last
+                    # good step's, and the data position moves on.
+                    self.log(f"signal {result.signum}: saving a checkpoint at step {p.step}, then exiting")
+                    self.save(p.step, p.tokens)
                     return
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps and last_good:
-                    self.save(step, tokens)
-
-            val = self.validate()
-            if val is not None:
-                metrics.write({"step": step, "val_loss": val, "tokens": tokens})
-                self.log(f"final val_loss {val:.4f}")
-            final_tag = self.ckpt_dir / checkpointing.tag_for(step)
-            if last_good and not (final_tag / checkpointing.MARKER).exists():
-                self.save(step, tokens)
-            self.log(f"done: {step} steps, {tokens:,} tokens")
+                self._maybe_checkpoint(p)
+            self._finish(p, metrics)
         finally:
             if bar is not None:
                 bar.close()
