@@ -23,6 +23,7 @@ read as consecutive non-overlapping windows.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,12 @@ class TokenWindows:
         """(micro_batch, ctx_len + 1) int64 tokens for one micro-batch of one rank."""
         base = ((step * grad_accum + micro) * world + rank) * micro_batch
         return torch.from_numpy(np.stack([self.sample(base + b) for b in range(micro_batch)]))
+
+    def micro_batches(
+        self, rank: int, world: int, micro_batch: int, grad_accum: int
+    ) -> Callable[[int], torch.Tensor]:
+        """`batch` numbered by micro-batch k = step * grad_accum + micro: what train.prefetch reads ahead."""
+        return lambda k: self.batch(k // grad_accum, k % grad_accum, rank, world, micro_batch, grad_accum)
 
     # ------------------------------------------------------------------------------------ validation
     def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
