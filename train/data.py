@@ -96,7 +96,8 @@ class TokenWindows:
                 raise ConfigError(f"data manifest {mpath}: lists no shards")
             for entry in m["shards"]:
                 try:
-                    ds = MMapIndexedDataset(entry["prefix"])
+                    # lazy: each rank checks the entries it reads, not the whole index (see binidx)
+                    ds = MMapIndexedDataset(entry["prefix"], lazy=True)
                 except (FileNotFoundError, ValueError) as e:
                     raise ConfigError(f"data manifest {mpath}: shard {entry['prefix']}: {e}") from None
                 if "documents" in entry and len(ds) != int(entry["documents"]):
@@ -127,6 +128,10 @@ class TokenWindows:
         for prefix, ds in opened:
             self.shards.append(Shard(prefix, ds.tokens, ds.n_tokens))
         if val_documents > 0:
+            try:  # the index entries this reads: where the held-out documents start
+                last.validate(len(last) - val_documents, len(last))
+            except ValueError as e:
+                raise ConfigError(f"data: shard {last_prefix}: {e}") from None
             cut = int(last.pointers[len(last) - val_documents]) // last.dtype.itemsize
             self.shards[-1].train_tokens = cut
             self.val_tokens = last.tokens[cut:]
