@@ -61,6 +61,7 @@ import json, os, sys
 import torch
 import torch.nn.functional as F
 import deepspeed
+from train.distributed import deepspeed_args, rank_device
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
@@ -75,7 +76,8 @@ for name, (overlap, bucket) in variants.items():
     cfg = json.loads(json.dumps(base))
     cfg["zero_optimization"].update(zero)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    device = rank_device(int(os.environ["LOCAL_RANK"]))  # as the trainer: the engine on the rank's device
+    engine, *_ = deepspeed.initialize(args=deepspeed_args(device), model=model, optimizer=opt, config=cfg)
     g = torch.Generator().manual_seed(100 + rank)
     for step in range(3):
         x = torch.randint(0, 97, (4, 17), generator=g)
