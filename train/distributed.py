@@ -3,12 +3,13 @@
 Launchers describe the job differently:
 - `torchrun` and the `deepspeed` launcher export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - `srun` exports SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and SLURM_NODELIST (the master is the
-  first host of the node list, expanded by `scontrol show hostnames`; without scontrol, MASTER_ADDR
-  must be exported, or the node list's first entry is used when it is a plain host name);
+  first host of the node list, expanded by `scontrol show hostnames`, or without scontrol by
+  `expand_hostlist`, the parser the launch scripts use too);
 - a plain `python -m train` has none: a single process on 127.0.0.1 with a free port.
 
 `setup_environment` normalises all of these to the torch.distributed variables *before*
 `deepspeed.init_distributed`, which otherwise falls back to MPI discovery (and mpi4py).
+`rank_device` is the one rule for which device a rank uses, whatever the launcher made visible.
 """
 
 from __future__ import annotations
