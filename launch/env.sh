@@ -46,7 +46,7 @@ rwkv_node_env() {
     if [ -n "$arch" ]; then export TORCH_CUDA_ARCH_LIST="$arch"; fi
   fi
   if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
-    local suffix="${TORCH_CUDA_ARCH_LIST:+/sm${TORCH_CUDA_ARCH_LIST//[.;]/}}"
+    local suffix="${TORCH_CUDA_ARCH_LIST:+/sm${TORCH_CUDA_ARCH_LIST//[^0-9A-Za-z]/}}"  # "8.0 9.0+PTX" -> sm8090PTX
     export TORCH_EXTENSIONS_DIR="$HOME/.cache/torch_extensions$suffix"
   fi
   # Triton's cache misbehaves on NFS; keep it node-local.

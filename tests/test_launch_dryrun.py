@@ -365,6 +365,7 @@ def test_slurm_task_works_out_its_own_node_env(tmp_path: Path) -> None:
         (["9.0", "9.0"], None, "9.0", "/sm90"),
         (["8.0", "9.0"], None, "8.0;9.0", "/sm8090"),
         (["9.0"], "8.6", "8.6", "/sm86"),  # the caller's value wins
+        (None, "8.0 9.0+PTX", "8.0 9.0+PTX", "/sm8090PTX"),  # torch's other spelling: still one path word
         (None, None, None, ""),  # driver without compute_cap: leave it to torch
     ],
 )
