@@ -15,12 +15,22 @@ export RWKV_LAUNCH_DIR RWKV_REPO_DIR
 export PYTHONPATH="$RWKV_REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 : "${PYTHON:=python}"
 
-# --- threads: torch would start one OpenMP thread per core in every rank and oversubscribe.
-# Under SLURM a task owns SLURM_CPUS_PER_TASK cores: use them all, which is what DeepSpeedCPUAdam
-# (train.offload_optimizer) needs, its step being an OpenMP loop over the optimizer state. With
-# torchrun / the deepspeed launcher and offload, set OMP_NUM_THREADS to cores / ranks per node.
+# --- threads: torch would start one OpenMP thread per core in every rank and oversubscribe; one
+# thread a rank starves DeepSpeedCPUAdam (train.offload_optimizer), whose step is an OpenMP loop
+# over the optimizer state. So each rank gets its share of the node's cores: under SLURM the
+# task's own (SLURM_CPUS_PER_TASK); torchrun.sh / deepspeed.sh call rwkv_share_cores RANKS once
+# they know the ranks per node. Until then (and for anything else sourcing this) 1.
+RWKV_OMP_GIVEN="${OMP_NUM_THREADS:+1}"
 : "${OMP_NUM_THREADS:=${SLURM_CPUS_PER_TASK:-1}}"
 export OMP_NUM_THREADS
+rwkv_share_cores() {  # rwkv_share_cores RANKS_ON_THIS_NODE: OMP_NUM_THREADS = cores / ranks (>= 1)
+  if [ -n "$RWKV_OMP_GIVEN" ] || [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then return 0; fi
+  local cores
+  cores="$(nproc 2>/dev/null || echo 1)"
+  if [[ "$1" =~ ^[1-9][0-9]*$ ]] && [ "$cores" -gt "$1" ]; then
+    export OMP_NUM_THREADS=$((cores / $1))
+  fi
+}
 
 # --- accelerator: empty lets DeepSpeed detect it (cuda on GPU nodes); `cpu` for CPU-only runs.
 if [ -n "${DS_ACCELERATOR:-}" ]; then export DS_ACCELERATOR; fi

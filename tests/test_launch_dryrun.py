@@ -379,3 +379,36 @@ def test_torch_cuda_arch_list_from_nvidia_smi(
     env = env_lines(proc.stdout)
     assert env.get("TORCH_CUDA_ARCH_LIST") == arch
     assert env["TORCH_EXTENSIONS_DIR"] == f"{tmp_path}/.cache/torch_extensions{ext_suffix}"
+
+
+def fake_nproc(bin_dir: Path, cores: int) -> dict[str, str]:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "nproc").write_text(f"#!/bin/sh\necho {cores}\n")
+    (bin_dir / "nproc").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "extra, threads",
+    [({}, "4"), ({"OMP_NUM_THREADS": "6"}, "6"), ({"SLURM_CPUS_PER_TASK": "3"}, "3")],
+)
+def test_torchrun_ranks_share_the_node_cores(tmp_path: Path, extra: dict[str, str], threads: str) -> None:
+    """16 cores, 4 ranks: 4 OpenMP threads each (DeepSpeedCPUAdam's step with offload); the caller's
+    value, or SLURM's cores per task, win."""
+    env = {**fake_nproc(tmp_path / "bin", 16), **extra}
+    proc = run_script(
+        [str(LAUNCH / "torchrun.sh"), "--nnodes", "1", "--nproc-per-node", "4", "--rdzv-endpoint", "h"], env
+    )
+    assert env_lines(proc.stdout)["OMP_NUM_THREADS"] == threads
+
+
+def test_deepspeed_node_threads_follow_its_slots(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=8\nb slots=2\n")
+    args = [str(LAUNCH / "deepspeed.sh"), "--hostfile", str(hostfile), "--no-ssh", "--master-addr", "a"]
+    env = fake_nproc(tmp_path / "bin", 16)
+    for node, threads in (("0", "2"), ("1", "8")):
+        proc = run_script([*args, "--node-rank", node], env)
+        assert env_lines(proc.stdout)["OMP_NUM_THREADS"] == threads
+    bad = run_script([*args, "--node-rank", "x"], env, check=False)
+    assert bad.returncode != 0 and "--node-rank x" in bad.stderr
