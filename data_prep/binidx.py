@@ -129,11 +129,29 @@ def write_index(path: Path, dtype: np.dtype, sizes: np.ndarray, doc_idx: np.ndar
 
 
 class MMapIndexedDataset:
-    """Read-only view of `PREFIX.bin`/`PREFIX.idx`; every check failure names the file and the problem."""
+    """Read-only view of `PREFIX.bin`/`PREFIX.idx`; every check failure names the file and the problem.
 
-    def __init__(self, prefix: str | os.PathLike):
+    Opening always checks what costs O(1) whatever the index size: both files exist, the header, the
+    `.idx` size against its counts, and the `.bin` size against where the last sequence ends. The
+    per-sequence entries (pointers, sizes, doc_idx) are checked
+
+    - all of them, vectorised over the memory map in bounded chunks, by `validate()` (the default,
+      `lazy=False`: data_prep and the tools, which read whole shards anyway);
+    - with `lazy=True`, only as they are read: `ds[i]` checks sequence i, `validate(lo, hi)` a range.
+      The trainer opens shards so: every rank opens every shard, and checking a 10^8-document index
+      in each of hundreds of ranks would cost minutes and, vectorised whole, GiBs of copies each.
+
+    Memory stays flat in the index size either way: the index is a memory map, and no check makes
+    more than a chunk-sized temporary.
+    """
+
+    # Sequences per vectorised check: ~40 bytes of temporaries each, so ~40 MB at most.
+    CHECK_CHUNK = 1 << 20
+
+    def __init__(self, prefix: str | os.PathLike, lazy: bool = False):
         self.prefix = Path(prefix)
         ipath, bpath = idx_path(prefix), bin_path(prefix)
+        self._ipath, self._bpath = ipath, bpath
         for p in (ipath, bpath):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing (binidx needs both {ipath.name} and {bpath.name})")
@@ -166,26 +184,53 @@ class MMapIndexedDataset:
         off += 8 * n
         self.doc_idx = np.frombuffer(self._idx, dtype="<i8", count=d, offset=off)
 
-        n_tokens = int(self.sizes.sum(dtype=np.int64))
-        bin_len = bpath.stat().st_size
-        if bin_len != n_tokens * self.dtype.itemsize:
+        # The .bin must end where the last sequence ends (all sequences lie back to back from 0,
+        # which validate() checks entry by entry): catches a truncated .bin or one from another run.
+        self._bin_len = bin_len = bpath.stat().st_size
+        end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
+        if bin_len != end:
             raise ValueError(
-                f"{bpath}: size {bin_len} bytes does not match {ipath.name} "
-                f"({n_tokens} tokens of {self.dtype} = {n_tokens * self.dtype.itemsize} bytes); "
+                f"{bpath}: size {bin_len} bytes does not match {ipath.name} (its last sequence ends at "
+                f"byte {end}: {end // self.dtype.itemsize} tokens of {self.dtype}); "
                 "truncated or from another run"
             )
-        if n and (self.pointers[0] != 0 or np.any(
-            self.pointers[1:] != np.cumsum(self.sizes[:-1].astype(np.int64) * self.dtype.itemsize)
-        )):
-            raise ValueError(f"{ipath}: byte pointers disagree with the sequence sizes")
-        if n and (self.sizes.min() < 0):
-            raise ValueError(f"{ipath}: negative sequence size")
-        if d and (self.doc_idx[0] != 0 or self.doc_idx[-1] != n or np.any(np.diff(self.doc_idx) < 0)):
+        if d and (self.doc_idx[0] != 0 or self.doc_idx[-1] != n):
             raise ValueError(f"{ipath}: doc_idx is not a non-decreasing list from 0 to {n}")
         if bin_len:
             self.tokens = np.memmap(bpath, mode="r", dtype=self.dtype)
         else:  # np.memmap refuses empty files
             self.tokens = np.zeros(0, dtype=self.dtype)
+        if not lazy:
+            self.validate()
+
+    def validate(self, start: int = 0, stop: int | None = None) -> None:
+        """Check sequences [start, stop) (all by default): sizes >= 0, each pointer where the one
+        before ends (the first at 0), inside the .bin; with the whole range also doc_idx."""
+        n = len(self.sizes)
+        stop = n if stop is None else min(stop, n)
+        isz = self.dtype.itemsize
+        for lo in range(max(start, 0), stop, self.CHECK_CHUNK):
+            hi = min(lo + self.CHECK_CHUNK, stop)
+            sizes = self.sizes[lo:hi]
+            if sizes.min() < 0:
+                bad = lo + int(np.argmax(sizes < 0))
+                raise ValueError(f"{self._ipath}: negative size {int(self.sizes[bad])} of sequence {bad}")
+            ptr = self.pointers[lo:hi]
+            ends = ptr + sizes.astype(np.int64) * isz
+            first = int(self.pointers[lo - 1]) + int(self.sizes[lo - 1]) * isz if lo else 0
+            misplaced = ptr[0] != first or ptr[0] < 0 or ptr[0] % isz
+            if misplaced or np.any(ptr[1:] != ends[:-1]) or ends[-1] > self._bin_len:
+                raise ValueError(
+                    f"{self._ipath}: byte pointers disagree with the sequence sizes "
+                    f"(sequences {lo}..{hi - 1}; the data are corrupt)"
+                )
+            del ends
+        if start <= 0 and stop == n:
+            doc_idx, d = self.doc_idx, len(self.doc_idx)
+            for lo in range(0, max(d - 1, 0), self.CHECK_CHUNK):
+                hi = min(lo + self.CHECK_CHUNK + 1, d)
+                if np.any(doc_idx[lo + 1 : hi] < doc_idx[lo : hi - 1]):
+                    raise ValueError(f"{self._ipath}: doc_idx is not a non-decreasing list from 0 to {n}")
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -195,6 +240,7 @@ class MMapIndexedDataset:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"document {i} out of range ({len(self)} in {self.prefix})")
+        self.validate(i, i + 1)  # O(1): the entry read, and that it follows the one before
         start = int(self.pointers[i]) // self.dtype.itemsize
         return self.tokens[start : start + int(self.sizes[i])]
 

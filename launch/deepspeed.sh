@@ -57,6 +57,11 @@ while IFS= read -r line || [ -n "$line" ]; do
 done <"$hostfile"
 [ ${#hosts[@]} -gt 0 ] || rwkv_die "$hostfile: no hosts listed"
 : "${master_addr:=${hosts[0]}}"
+# This node's ranks: its own hostfile line with --node-rank, else the first host's (the ssh form
+# sends the launching node's environment to every node).
+this_node=0
+if [[ "$node_rank" =~ ^[0-9]+$ ]] && [ "$node_rank" -lt ${#hosts[@]} ]; then this_node="$node_rank"; fi
+rwkv_share_cores "${slots[$this_node]}"
 
 launcher_cmd() {  # the deepspeed command line; $1 = node rank for the no-ssh form, or empty
   local cmd=("${DEEPSPEED:-deepspeed}" --hostfile "$hostfile" --master_addr "$master_addr" --master_port "$master_port")

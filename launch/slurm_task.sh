@@ -3,6 +3,8 @@
 # (see slurm.sbatch); it maps SLURM's task numbering onto the variables torch.distributed reads
 # and starts the trainer. MASTER_ADDR / MASTER_PORT come from the sbatch script.
 set -euo pipefail
+# This is the node that runs the rank: env.sh works out the node's GPU arch and extensions dir here.
+unset RWKV_NODE_ENV
 # shellcheck source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 

@@ -57,6 +57,7 @@ if [ ${#hosts[@]} -gt 0 ] && [ ${#hosts[@]} -ne "$nnodes" ]; then
   rwkv_die "--hosts lists ${#hosts[@]} hosts but --nnodes is $nnodes"
 fi
 : "${nproc:=$(gpu_count)}"
+rwkv_share_cores "$nproc"
 if [ -z "$endpoint" ] && [ ${#hosts[@]} -gt 0 ]; then endpoint="${hosts[0]}"; fi
 [ -n "$endpoint" ] || rwkv_die "--rdzv-endpoint HOST[:PORT] is required (the host of node 0)"
 [[ "$endpoint" == *:* ]] || endpoint="$endpoint:$RDZV_PORT"

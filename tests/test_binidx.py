@@ -162,3 +162,101 @@ def test_refuses_missing_half(tmp_path):
     (tmp_path / "d.bin").unlink()
     with pytest.raises(FileNotFoundError, match="d.bin"):
         MMapIndexedDataset(prefix)
+
+
+# ------------------------------------------------------------------------------------ per-entry checks
+def _patch(path, offset: int, fmt: str, value: int) -> None:
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(fmt, raw, offset, value)
+    path.write_bytes(bytes(raw))
+
+
+def _five_docs(tmp_path):
+    neox_write(tmp_path / "d", [[[1, 2, 3]], [[4, 5]], [[6]], [[7, 8]], [[9]]], np.uint16)
+    return tmp_path / "d", tmp_path / "d.idx"
+
+
+HEADER, N = 34, 5  # header bytes; documents in _five_docs (sizes at 34, pointers at 34 + 4N, doc_idx after)
+
+
+@pytest.mark.parametrize(
+    "fmt, offset, value, message",
+    [
+        ("<q", HEADER + 4 * N + 8 * 2, 2, "pointers disagree"),  # doc 2 overlaps doc 1
+        ("<q", HEADER + 4 * N + 8 * 2, 11, "pointers disagree"),  # misaligned for uint16
+        ("<i", HEADER + 4 * 2, -1, "negative size -1 of sequence 2"),
+    ],
+)
+def test_bad_entry_found_by_full_open_and_by_reading_it_lazily(tmp_path, fmt, offset, value, message):
+    prefix, idx = _five_docs(tmp_path)
+    _patch(idx, offset, fmt, value)
+    with pytest.raises(ValueError, match=message) as e:
+        MMapIndexedDataset(prefix)
+    assert str(idx) in str(e.value)
+    lazy = MMapIndexedDataset(prefix, lazy=True)  # O(1) checks only: the entry is not read yet
+    assert lazy[0].tolist() == [1, 2, 3] and lazy[4].tolist() == [9]
+    with pytest.raises(ValueError, match=message):
+        lazy[2]
+    with pytest.raises(ValueError, match=message):
+        lazy.validate(1, 4)
+    lazy.validate(4, 5)
+
+
+def test_lazy_open_still_checks_sizes_and_doc_idx_ends(tmp_path):
+    prefix, idx = _five_docs(tmp_path)
+    _patch(idx, HEADER + 4 * 4, "<i", 3)  # last document longer than the .bin holds
+    with pytest.raises(ValueError, match="d.bin: size 18 bytes does not match"):
+        MMapIndexedDataset(prefix, lazy=True)
+    prefix, idx = _five_docs(tmp_path)
+    _patch(idx, HEADER + 12 * N + 8 * 3, "<q", 1)  # doc_idx [0 1 2 1 4 5]: not non-decreasing
+    MMapIndexedDataset(prefix, lazy=True)  # only a full validation reads every doc_idx entry
+    with pytest.raises(ValueError, match="doc_idx is not a non-decreasing"):
+        MMapIndexedDataset(prefix)
+    _patch(idx, HEADER + 12 * N + 8 * N, "<q", 4)  # ... but the last one must be N
+    with pytest.raises(ValueError, match="doc_idx"):
+        MMapIndexedDataset(prefix, lazy=True)
+
+
+def _synthetic(tmp_path, n: int):
+    """An index of n one-token documents and its (sparse) .bin: only the .idx takes disk."""
+    from data_prep.binidx import write_index
+
+    prefix = tmp_path / f"n{n}"
+    write_index(prefix.with_suffix(".idx"), np.dtype(np.uint16), np.ones(n, np.int64), np.arange(n + 1))
+    with open(prefix.with_suffix(".bin"), "wb") as f:
+        f.truncate(2 * n)
+    return prefix
+
+
+def _peak_bytes(fn) -> int:
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_flat_in_the_index_size(tmp_path, monkeypatch):
+    """Opening (lazily, as every training rank does) and reading what a rank reads allocates the same
+    at N and 10N documents; so does a full validation, chunk by chunk. Checking all entries at once
+    (np.cumsum over the pointers, as the reader used to) needs ~30 bytes a document: 30 MB at 10N."""
+    small, big = _synthetic(tmp_path, 100_000), _synthetic(tmp_path, 1_000_000)
+
+    def rank_reads(prefix):
+        ds = MMapIndexedDataset(prefix, lazy=True)
+        for i in (0, len(ds) // 2, len(ds) - 1):
+            assert ds[i].tolist() == [0]
+        ds.validate(len(ds) - 1000, len(ds))  # e.g. the held-out documents
+
+    lazy_small, lazy_big = _peak_bytes(lambda: rank_reads(small)), _peak_bytes(lambda: rank_reads(big))
+    assert lazy_big < lazy_small + 64 * 1024 and lazy_big < 512 * 1024, (lazy_small, lazy_big)
+
+    monkeypatch.setattr(MMapIndexedDataset, "CHECK_CHUNK", 10_000)
+    full_small = _peak_bytes(lambda: MMapIndexedDataset(small))
+    full_big = _peak_bytes(lambda: MMapIndexedDataset(big))
+    assert full_big < full_small * 1.25 + 64 * 1024 and full_big < 2 * 1024 * 1024, (full_small, full_big)

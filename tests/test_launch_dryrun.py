@@ -20,10 +20,19 @@ from launch.multinode import expand_hostlist
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 NODE_LINE = re.compile(r"^node_rank=(\S+) host=(\S+): (.*)$")
+HOST_DEPENDENT = (
+    "OMP_NUM_THREADS",
+    "TORCH_CUDA_ARCH_LIST",
+    "TORCH_EXTENSIONS_DIR",
+    "TRITON_CACHE_DIR",
+    "RWKV_NODE_ENV",
+)
 
 
 def run_script(args: list[str], env_extra: dict[str, str] | None = None, check: bool = True):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "MASTER_"))}
+    for k in HOST_DEPENDENT:  # what the scripts work out themselves must not leak in from the caller
+        env.pop(k, None)
     env.update({"DRY_RUN": "1", "PYTHON": sys.executable})
     env.update(env_extra or {})
     proc = subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
@@ -239,3 +248,167 @@ def test_expand_hostlist(nodelist: str, hosts: list[str]) -> None:
 def test_expand_hostlist_rejects_malformed(nodelist: str) -> None:
     with pytest.raises(ValueError, match=re.escape(nodelist)):
         expand_hostlist(nodelist)
+
+
+# ------------------------------------------------------------------------------------ SLURM + node env
+def fake_nvidia_smi(bin_dir: Path, caps: list[str] | None) -> dict[str, str]:
+    """An `nvidia-smi` on PATH reporting GPUs of the given compute capabilities; None: a driver too
+    old for the compute_cap field (it fails, as the real one does)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    if caps is None:
+        body = 'echo "Field \\"compute_cap\\" is not a valid field to query." >&2; exit 2'
+    else:
+        body = "\n".join(
+            [
+                'case "$*" in',
+                "  *-L*) " + "; ".join(f"echo 'GPU {i}: H100 (UUID: x)'" for i in range(len(caps))) + " ;;",
+                "  *compute_cap*) " + "; ".join(f"echo ' {c}'" for c in caps) + " ;;",
+                "esac",
+            ]
+        )
+    tool.write_text(f"#!/bin/sh\n{body}\n")
+    tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def slurm_job_env(**extra: str) -> dict[str, str]:
+    return {
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_ID": "77",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        **extra,
+    }
+
+
+def srun_line(stdout: str) -> list[str]:
+    return [
+        shlex.split(line.split(": ", 1)[1]) for line in stdout.splitlines() if line.startswith("launcher ")
+    ][0]
+
+
+def test_slurm_signal_directive_warns_the_tasks_before_the_kill() -> None:
+    directives = [
+        line.split(None, 1)[1]
+        for line in (LAUNCH / "slurm.sbatch").read_text().splitlines()
+        if line.startswith("#SBATCH ")
+    ]
+    signal = [d for d in directives if d.startswith("--signal")]
+    assert len(signal) == 1, directives
+    # USR1 (which the trainer turns into checkpoint-and-exit), to the tasks (no "B:" = not only the
+    # batch shell), early enough to write a big checkpoint.
+    m = re.fullmatch(r"--signal=USR1@(\d+)", signal[0])
+    assert m and int(m.group(1)) >= 600, signal[0]
+
+
+@pytest.mark.parametrize("cpus", ["12", None])
+def test_slurm_passes_cpus_per_task_to_srun_and_threads(tmp_path: Path, cpus: str | None) -> None:
+    extra = {"SLURM_CPUS_PER_TASK": cpus} if cpus else {}
+    path = fake_nvidia_smi(tmp_path / "bin", ["9.0"])
+    proc = run_script([str(LAUNCH / "slurm.sbatch"), *TRAIN_ARGS], {**slurm_job_env(**extra), **path})
+    srun = srun_line(proc.stdout)
+    assert option(srun, "--cpus-per-task") == cpus
+    env = env_lines(proc.stdout)
+    assert env["OMP_NUM_THREADS"] == (cpus or "1")
+    # The batch shell runs on node 0 only and srun copies its environment to all tasks: node 0's GPU
+    # arch must not travel to nodes that may have other GPUs.
+    assert "TORCH_CUDA_ARCH_LIST" not in env and "TORCH_EXTENSIONS_DIR" not in env
+
+
+def test_slurm_task_works_out_its_own_node_env(tmp_path: Path) -> None:
+    """What one task really starts: slurm_task.sh with srun's variables and the batch shell's environment
+    (RWKV_NODE_ENV=defer leaking in), on a node with A100s. A stub python prints what it was given."""
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/bin/sh\nfor v in RANK LOCAL_RANK WORLD_SIZE OMP_NUM_THREADS TORCH_CUDA_ARCH_LIST "
+        'TORCH_EXTENSIONS_DIR; do eval echo "$v=\\$$v"; done\necho "ARGS=$*"\n'
+    )
+    stub.chmod(0o755)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_")) and k not in HOST_DEPENDENT
+    }
+    env.update(fake_nvidia_smi(tmp_path / "bin", ["8.0", "8.0"]))
+    env.update(
+        PYTHON=str(stub),
+        HOME=str(tmp_path),
+        RWKV_NODE_ENV="defer",
+        SLURM_PROCID="3",
+        SLURM_NTASKS="4",
+        SLURM_LOCALID="1",
+        SLURM_CPUS_PER_TASK="6",
+        SLURM_NTASKS_PER_NODE="2",
+        MASTER_ADDR="gpu07",
+        MASTER_PORT="20077",
+    )
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "slurm_task.sh"), "--config", "c.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    assert (got["RANK"], got["LOCAL_RANK"], got["WORLD_SIZE"]) == ("3", "1", "4")
+    assert got["OMP_NUM_THREADS"] == "6" and got["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    assert got["TORCH_EXTENSIONS_DIR"] == f"{tmp_path}/.cache/torch_extensions/sm80"
+    assert got["ARGS"] == "-m train --config c.yaml"
+
+
+@pytest.mark.parametrize(
+    "caps, given, arch, ext_suffix",
+    [
+        (["9.0", "9.0"], None, "9.0", "/sm90"),
+        (["8.0", "9.0"], None, "8.0;9.0", "/sm8090"),
+        (["9.0"], "8.6", "8.6", "/sm86"),  # the caller's value wins
+        (None, "8.0 9.0+PTX", "8.0 9.0+PTX", "/sm8090PTX"),  # torch's other spelling: still one path word
+        (None, None, None, ""),  # driver without compute_cap: leave it to torch
+    ],
+)
+def test_torch_cuda_arch_list_from_nvidia_smi(
+    tmp_path: Path, caps: list[str] | None, given: str | None, arch: str | None, ext_suffix: str
+) -> None:
+    extra = {**fake_nvidia_smi(tmp_path / "bin", caps), "HOME": str(tmp_path)}
+    if given:
+        extra["TORCH_CUDA_ARCH_LIST"] = given
+    proc = run_script([str(LAUNCH / "torchrun.sh"), "--nnodes", "1", "--rdzv-endpoint", "h"], extra)
+    env = env_lines(proc.stdout)
+    assert env.get("TORCH_CUDA_ARCH_LIST") == arch
+    assert env["TORCH_EXTENSIONS_DIR"] == f"{tmp_path}/.cache/torch_extensions{ext_suffix}"
+
+
+def fake_nproc(bin_dir: Path, cores: int) -> dict[str, str]:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "nproc").write_text(f"#!/bin/sh\necho {cores}\n")
+    (bin_dir / "nproc").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "extra, threads",
+    [({}, "4"), ({"OMP_NUM_THREADS": "6"}, "6"), ({"SLURM_CPUS_PER_TASK": "3"}, "3")],
+)
+def test_torchrun_ranks_share_the_node_cores(tmp_path: Path, extra: dict[str, str], threads: str) -> None:
+    """16 cores, 4 ranks: 4 OpenMP threads each (DeepSpeedCPUAdam's step with offload); the caller's
+    value, or SLURM's cores per task, win."""
+    env = {**fake_nproc(tmp_path / "bin", 16), **extra}
+    proc = run_script(
+        [str(LAUNCH / "torchrun.sh"), "--nnodes", "1", "--nproc-per-node", "4", "--rdzv-endpoint", "h"], env
+    )
+    assert env_lines(proc.stdout)["OMP_NUM_THREADS"] == threads
+
+
+def test_deepspeed_node_threads_follow_its_slots(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=8\nb slots=2\n")
+    args = [str(LAUNCH / "deepspeed.sh"), "--hostfile", str(hostfile), "--no-ssh", "--master-addr", "a"]
+    env = fake_nproc(tmp_path / "bin", 16)
+    for node, threads in (("0", "2"), ("1", "8")):
+        proc = run_script([*args, "--node-rank", node], env)
+        assert env_lines(proc.stdout)["OMP_NUM_THREADS"] == threads
+    bad = run_script([*args, "--node-rank", "x"], env, check=False)
+    assert bad.returncode != 0 and "--node-rank x" in bad.stderr

@@ -122,7 +122,8 @@ class TokenWindows:
                 raise ConfigError(f"data manifest {mpath}: lists no shards")
             for entry in m["shards"]:
                 try:
-                    ds = MMapIndexedDataset(entry["prefix"])
+                    # lazy: each rank checks the entries it reads, not the whole index (see binidx)
+                    ds = MMapIndexedDataset(entry["prefix"], lazy=True)
                 except (FileNotFoundError, ValueError) as e:
                     raise ConfigError(f"data manifest {mpath}: shard {entry['prefix']}: {e}") from None
                 if "documents" in entry and len(ds) != int(entry["documents"]):
@@ -149,6 +150,10 @@ class TokenWindows:
         for prefix, ds in opened:
             self.shards.append(Shard(prefix, ds.tokens, ds.n_tokens))
         if val_documents > 0:
+            try:  # the index entries this reads: where the held-out documents start
+                last.validate(len(last) - val_documents, len(last))
+            except ValueError as e:
+                raise ConfigError(f"data: shard {last_prefix}: {e}") from None
             cut = int(last.pointers[len(last) - val_documents]) // last.dtype.itemsize
             self.shards[-1].train_tokens = cut
             self.val_tokens = last.tokens[cut:]
@@ -230,6 +235,12 @@ class TokenWindows:
         rows = np.stack([self.window(c) for c in chunks])
         self._check_ids(rows, lambda i: self.locate(chunks[i]))
         return torch.from_numpy(rows)
+
+    def micro_batches(
+        self, rank: int, world: int, micro_batch: int, grad_accum: int
+    ) -> Callable[[int], torch.Tensor]:
+        """`batch` numbered by micro-batch k = step * grad_accum + micro: what train.prefetch reads ahead."""
+        return lambda k: self.batch(k // grad_accum, k % grad_accum, rank, world, micro_batch, grad_accum)
 
     # ------------------------------------------------------------------------------------ validation
     def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:

@@ -3,12 +3,13 @@
 Launchers describe the job differently:
 - `torchrun` and the `deepspeed` launcher export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - `srun` exports SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and SLURM_NODELIST (the master is the
-  first host of the node list, expanded by `scontrol show hostnames`; without scontrol, MASTER_ADDR
-  must be exported, or the node list's first entry is used when it is a plain host name);
+  first host of the node list, expanded by `scontrol show hostnames`, or without scontrol by
+  `expand_hostlist`, the parser the launch scripts use too);
 - a plain `python -m train` has none: a single process on 127.0.0.1 with a free port.
 
 `setup_environment` normalises all of these to the torch.distributed variables *before*
 `deepspeed.init_distributed`, which otherwise falls back to MPI discovery (and mpi4py).
+`rank_device` is the one rule for which device a rank uses, whatever the launcher made visible.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily: the launch scripts import this module for its parser
+    import torch
 
 
 @dataclass
@@ -37,8 +43,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in host list {nodelist!r}")
+        elif ch == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in host list {nodelist!r}")
+    parts.append(nodelist[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range(spec: str, nodelist: str) -> list[str]:
+    out = []
+    for item in spec.split(","):
+        lo, sep, hi = item.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range {item!r} in host list {nodelist!r}")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in host list {nodelist!r}")
+        width = len(lo)  # zero padding follows the lower bound, as SLURM does
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list: `node[01-02],gpu[1,3-4]x` -> node01 node02 gpu1x ...
+
+    The one parser of node lists in the repository: the trainer (first_slurm_host) and the launch
+    scripts (`python -m launch.multinode hostnames`, off a cluster) both use it."""
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist):
+        names = [""]
+        pos = 0
+        for m in _BRACKET.finditer(part):
+            names = [n + part[pos : m.start()] for n in names]
+            names = [n + r for n in names for r in _expand_range(m.group(1), nodelist)]
+            pos = m.end()
+        hosts.extend(n + part[pos:] for n in names)
+    return hosts
+
+
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: `scontrol show hostnames`, else a plain parse of `a[1-3],b`."""
+    """First host of a SLURM node list: `scontrol show hostnames` (authoritative), else expand_hostlist."""
     if shutil.which("scontrol"):
         try:
             out = subprocess.run(
@@ -48,14 +109,10 @@ def first_slurm_host(nodelist: str) -> str:
                 return out[0]
         except (OSError, subprocess.CalledProcessError):
             pass
-    # Fallback: "node[003-005,9],gpu1" -> "node003". Covers the common compressed forms.
-    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
-    m = re.match(r"^([^\[]*)\[([^\]]+)\](.*)$", first)
-    if not m:
-        return first
-    prefix, ranges, suffix = m.groups()
-    start = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{start}{suffix}"
+    hosts = expand_hostlist(nodelist)
+    if not hosts:
+        raise ValueError(f"empty SLURM node list {nodelist!r}")
+    return hosts[0]
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
@@ -108,12 +165,47 @@ def setup_environment() -> DistEnv:
     return d
 
 
+def device_index(local_rank: int, visible: int) -> int:
+    """Index, among the devices this process can see, of the rank's device: local_rank % visible.
+
+    With every GPU of the node visible (`--gpus-per-node`, torchrun, the deepspeed launcher), rank
+    L takes cuda:L. Under `srun --gpus-per-task=1` (or any launcher that sets CUDA_VISIBLE_DEVICES
+    per rank) each task sees one device, which is cuda:0 whatever its LOCAL_RANK; the modulo gives
+    both without reading SLURM's variables."""
+    if visible < 1:
+        raise RuntimeError(f"local rank {local_rank}: no accelerator device is visible to this process")
+    return local_rank % visible
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """The one device this rank trains on. Everything that needs it asks here (the process group, the
+    trainer's tensors, DeepSpeed's engine through deepspeed_args), so they cannot disagree.
+
+    DeepSpeed's accelerator decides the kind, not torch.cuda.is_available(): DS_ACCELERATOR=cpu must
+    win on a GPU host."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    kind = accel.device_name()  # "cuda", "cpu", "xpu", ... without an index
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, device_index(local_rank, accel.device_count()))
+
+
+def deepspeed_args(device: torch.device) -> SimpleNamespace:
+    """`args` for deepspeed.initialize: without it the engine calls set_device(LOCAL_RANK), which is
+    out of range when each task sees one GPU (LOCAL_RANK 3, only cuda:0 visible)."""
+    return SimpleNamespace(device_rank=device.index if device.index is not None else 0)
+
+
 def init_process_group(d: DistEnv) -> None:
-    """deepspeed.init_distributed with gloo on CPU, nccl on CUDA; the device bound to the local rank."""
+    """deepspeed.init_distributed with gloo on CPU, nccl on CUDA; the rank's device made current."""
     import deepspeed
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = rank_device(d.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

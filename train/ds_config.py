@@ -3,7 +3,8 @@
 The run config is the single source of truth for batch sizes, precision, ZeRO stage, clipping and
 the optimizer hyper-parameters; `ds_config.json` carries everything else (bucket sizes, fp16 loss
 scaling, offload details). A value written explicitly in `ds_config.json` must agree with the run
-config, otherwise the run stops before any process group starts.
+config, otherwise the run stops before any process group starts. ZeRO 1/2 bucket sizes written as
+"auto" are sized from the model's width (zero12_bucket_size); numbers written there are kept.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def fill_ds_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.zero_stage == 0:
         zero.pop("offload_optimizer", None)
+    width = _model_width(cfg)
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key) == AUTO:  # a number written in ds_config.json is a tuning choice: it wins
+            zero[key] = zero12_bucket_size(width)
 
     if o.name == "adam":
         opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
@@ -95,8 +100,39 @@ def fill_ds_config(
         )
     leftover = _find_auto(ds)
     if leftover:
-        raise ConfigError(f"{origin}: no run-config value to fill {leftover} (replace \"auto\" by a value)")
+        raise ConfigError(f'{origin}: no run-config value to fill {leftover} (replace "auto" by a value)')
     return ds
+
+
+# ZeRO-1/2 gradient buckets, in elements. Each reduce-scatter (and, after the step, all-gather of
+# the updated parameters) sends one bucket, so the size trades message size against memory:
+# - NCCL reaches its bus bandwidth across nodes only with messages of tens of MB or more; HF's
+#   "auto" (hidden_size^2) gives 8 MB buckets for 1b5 in bf16 and 30 KB for the tiny model, i.e.
+#   hundreds to thousands of latency-bound collectives a step: hence the floor of 5e7 elements
+#   (100 MB in bf16), which is the size for every shipped preset (n_embd^2 < 5e7 up to 14b).
+# - with overlap_comm, DeepSpeed keeps ~4.5 buckets' worth of buffers in flight (its docs): 5e7
+#   bf16 elements cost ~0.9 GB of GPU memory, DeepSpeed's own default 5e8 ~9 GB, which a 7B-14B
+#   run does not have to spare; hence the cap. Wider custom models scale as n_embd^2 in between.
+BUCKET_FLOOR = 50_000_000
+BUCKET_CAP = 500_000_000
+
+
+def zero12_bucket_size(n_embd: int) -> int:
+    """ "auto" reduce/allgather bucket size for ZeRO 1/2: n_embd^2 elements within [5e7, 5e8]."""
+    return int(min(max(n_embd * n_embd, BUCKET_FLOOR), BUCKET_CAP))
+
+
+def _model_width(cfg: RunConfig) -> int:
+    """n_embd of the run's model: the resolved value train.trainer.plan records, else the preset's."""
+    width = cfg.model.overrides.get("n_embd")
+    if isinstance(width, int) and not isinstance(width, bool):
+        return width
+    from train.config import ModelConfig
+
+    try:
+        return ModelConfig.from_preset(cfg.model.preset).n_embd
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{cfg.source}: model: {e}") from None
 
 
 def _find_auto(node: Any, prefix: str = "") -> list[str]:

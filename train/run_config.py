@@ -24,12 +24,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
+    """Written `model: {preset: 1b5, n_layer: 12, ...}` (or `--set model.n_layer=12`): any
+    train.config.ModelConfig field next to the preset. vocab_size "auto" takes the tokenizer's
+    vocab_size from the data manifest; ctx_len "auto" (the context length recorded with the
+    weights) takes train.ctx_len."""
+
     preset: str = "tiny"
-    # Any train.config.ModelConfig field (n_layer, n_embd, vocab_size, ctx_len, grad_cp, wkv_backend...).
-    # vocab_size "auto" takes the tokenizer's vocab_size from the data manifest;
-    # ctx_len "auto" (the context length recorded with the weights) takes train.ctx_len;
-    # wkv_chunk_len bounds the WKV kernel's steps per call (0: none), and may change on resume.
+    # The fields given next to `preset`, collected here by config_from_dict. Not a key of its own
+    # in a config file: one spelling per setting (see OVERRIDES_REFUSED).
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+OVERRIDES_REFUSED = (
+    "model.overrides is not a key: write model fields next to the preset, e.g. "
+    "`model: {preset: 1b5, n_layer: 12}` in the YAML or `--set model.n_layer=12`"
+)
 
 
 @dataclass
@@ -104,8 +113,12 @@ class RunConfig:
     source: str = field(default="", compare=False)  # the YAML file this came from (not a key)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a file would spell it (model fields next to `preset`), so that a saved
+        config.resolved.yaml loads back as a run config."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        model = d["model"]
+        d["model"] = {"preset": model["preset"], **model["overrides"]}
         return d
 
     def tokens_per_step(self, world_size: int) -> int:
@@ -198,13 +211,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set tree[path] = value. `model.<field>` and `model.overrides.<field>` are the same key."""
-    if path[0] == "model" and len(path) == 3 and path[1] == "overrides":
-        path = ["model", path[2]]
-    if path[0] == "model" and len(path) == 2 and isinstance(tree.get("model"), dict):
-        overrides = tree["model"].get("overrides")
-        if isinstance(overrides, dict):
-            overrides.pop(path[1], None)
+    """Set tree[path] = value."""
+    if path[0] == "model" and len(path) >= 2 and path[1] == "overrides":
+        raise ConfigError(f"--set {'.'.join(path)}: {OVERRIDES_REFUSED}")
     node = tree
     for part in path[:-1]:
         child = node.get(part)
@@ -229,10 +238,10 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: section {name!r} must be a mapping, got {value!r}")
             if name == "model":
-                # Allow model fields next to `preset` (the natural way to write them).
+                if "overrides" in value:
+                    raise ConfigError(f"{source}: {OVERRIDES_REFUSED}")
                 value = dict(value)
-                extra = {k: value.pop(k) for k in list(value) if k not in ("preset", "overrides")}
-                value["overrides"] = {**(value.get("overrides") or {}), **extra}
+                value = {"preset": value.pop("preset", ModelSection.preset), "overrides": value}
             kwargs[name] = _build(_SECTION_TYPES[name], value, f"{source}: {name}")
         else:
             kwargs[name] = _coerce(value, getattr(RunConfig, name, ""), f"{source}: {name}")
