@@ -415,12 +415,18 @@ def test_collectives_get_tensors_on_the_rank_device(monkeypatch):
     import torch.distributed as dist
 
     from train.nonfinite import GradientGate
+    from train.prefetch import BatchPrefetcher
     from train.trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)  # no process group: only what the loop reads
     trainer.cfg = load_run_config(TINY, ["train.grad_accum=2", "eval.batches=2"])
     trainer.plan = SimpleNamespace(data=_FakeData())
     trainer.rank, trainer.world, trainer.device = 0, 2, torch.device("meta")
+    t = trainer.cfg.train
+    trainer.batches = BatchPrefetcher(
+        lambda k: _FakeData().batch(k // t.grad_accum, k % t.grad_accum, 0, 2, t.micro_batch_size, 0),
+        trainer.device,
+    )
     trainer.engine = _FakeEngine(16, trainer.device)
     trainer.stop = SimpleNamespace(signum=0)
     trainer.gate = GradientGate(trainer.engine.module.parameters(), trainer.device)

@@ -26,6 +26,7 @@ from train.loss import cross_entropy, lm_loss
 from train.metrics import MetricsWriter, mfu, peak_tflops, truncate_metrics
 from train.nonfinite import GradientGate, optimizer_update_skipped
 from train.optim import apply_lr, param_groups, torch_adamw
+from train.prefetch import BatchPrefetcher
 from train.run_config import ConfigError, RunConfig, dump_yaml, resolve_path
 from train.schedule import lr_at
 
@@ -157,11 +158,18 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         # DeepSpeed's accelerator, not torch.cuda.is_available(): DS_ACCELERATOR=cpu must win on a GPU host.
+        # One rule for the rank's GPU (local rank modulo the visible devices) for the process group, the
+        # engine and the batches, which also holds under SLURM's --gpus-per-task=1.
         from deepspeed.accelerator import get_accelerator
 
         accel = get_accelerator()
-        self.device = torch.device(accel.device_name(self.denv.local_rank))
+        self.device = distributed.rank_device(self.denv.local_rank)
         ext_build.arch_list_for_deepspeed(log=self.log)
+        t = cfg.train
+        # Batches of the next micro-steps are read (and pinned, on CUDA) while this one computes.
+        self.batches = BatchPrefetcher(
+            self.plan.data.micro_batches(self.rank, self.world, t.micro_batch_size, t.grad_accum), self.device
+        )
         if cfg.train.precision == "fp16" and not accel.is_fp16_supported():
             raise ConfigError(
                 f"{cfg.source}: train.precision fp16 is not supported on {accel.device_name()} "
@@ -220,9 +228,13 @@ class Trainer:
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layerwise_lr)
         if cfg.optim.name == "torch_adamw":
             opt = torch_adamw(groups, cfg.optim.lr_init, cfg.optim.betas, cfg.optim.eps)
-            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+            engine, optimizer, _, _ = deepspeed.initialize(
+                args=distributed.deepspeed_args(self.device), model=model, optimizer=opt, config=ds
+            )
         else:
-            engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+            engine, optimizer, _, _ = deepspeed.initialize(
+                args=distributed.deepspeed_args(self.device), model=model, model_parameters=groups, config=ds
+            )
         self.engine, self.optimizer = engine, optimizer
 
     def _resume(self, cand: checkpointing.Candidate, universal: bool) -> tuple[int, int]:
@@ -333,8 +345,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_bad = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(t.grad_accum):
-            batch = self.plan.data.batch(step, micro, self.rank, self.world, t.micro_batch_size, t.grad_accum)
-            batch = self._to_device(batch)
+            batch = self.batches.get(step * t.grad_accum + micro)
             self._fault_now = self.rank == 0 and micro == 0 and (step + 1) in t.fault_nan_steps
             logits = engine(batch[:, :-1])
             self._fault_now = False
@@ -478,6 +489,7 @@ class Trainer:
                 self._maybe_checkpoint(p)
             self._finish(p, metrics)
         finally:
+            self.batches.close()
             if bar is not None:
                 bar.close()
             metrics.close()
