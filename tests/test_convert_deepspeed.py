@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,12 +91,6 @@ os._exit(0)
 """.replace("VOCAB", str(VOCAB))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["2", "3", "0bf16"], ids=["zero2", "zero3", "stage0-bf16"])
 def checkpoints(request, tmp_path_factory) -> Path:
     """One 2-process run per variant (two engines in one process leave ZeRO-3's save empty)."""
@@ -113,7 +106,7 @@ def checkpoints(request, tmp_path_factory) -> Path:
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--standalone",  # the store binds a free port itself: no port race
         str(script), str(out), variant,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,12 +136,6 @@ def test_cli_without_a_tokenizer_says_so(weights, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ a real run
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, demo_shards) -> Path:
     """`python -m train` with configs/tiny.yaml on 2 processes (ZeRO-2), 10 steps, checkpoints every 5."""
@@ -150,7 +143,7 @@ def trained_run(tmp_path_factory, demo_shards) -> Path:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--standalone",  # the store binds a free port itself: no port race
         "-m", "train", "--config", str(ROOT / "configs/tiny.yaml"),
         "--set", f"run_dir={run_dir}", "--set", f"data.manifests=[{demo_shards}]",
         "--set", "train.steps=10", "--set", "checkpoint.every=5", "--set", "log.progress=false",

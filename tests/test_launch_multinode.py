@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from machine import ATTEMPTS, free_port, port_clash
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -47,12 +47,6 @@ class Node:
     prefix: list[str]  # runs a command inside this node's network namespace (empty: the host's)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @functools.cache
 def netns_unavailable() -> str | None:
     """Why two network namespaces cannot be made here (None: they can), probed once."""
@@ -65,6 +59,13 @@ def netns_unavailable() -> str | None:
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
+    # the pair needs veth links too (a kernel or container can allow namespaces but not veth)
+    veth = [f"rwkvp{os.getpid() % 100000}{x}" for x in "ab"]
+    made = subprocess.run(["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]],
+                          capture_output=True, text=True, timeout=30)
+    subprocess.run(["ip", "link", "del", veth[0]], capture_output=True, timeout=30)
+    if made.returncode != 0:
+        return f"`ip link add ... type veth` failed: {made.stderr.strip()}"
     return None
 
 
@@ -166,6 +167,22 @@ def launch_node(
         return subprocess.Popen([*node.prefix, *cmd], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
+def lost_port(procs: list[subprocess.Popen], logs: list[Path], offsets: list[int]) -> bool:
+    """Waits until node 0's trainer has its process group (it prints its resolved config) or a node
+    ends; True when a node ended because its port was taken (its log since offset says so)."""
+    def since(i: int) -> str:
+        with open(logs[i], "rb") as f:
+            f.seek(offsets[i])
+            return f.read().decode(errors="replace")
+
+    deadline = time.time() + 300  # first use builds DeepSpeed's shm op inside init_distributed
+    while "[train] resolved config:" not in since(0) and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    return any(p.poll() is not None and port_clash(since(i)) for i, p in enumerate(procs))
+
+
 def wait_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path]) -> list[int]:
     deadline = time.time() + timeout
     for p in procs:
@@ -239,15 +256,24 @@ def test_two_nodes_train_die_together_and_resume(tmp_path: Path, demo_shards, tw
         return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
 
     nodes = two_nodes
-    loopback = not nodes[0].prefix
 
     def launch(how: str, phase: str, steps: int) -> tuple[list[subprocess.Popen], list[Path]]:
         config = write_config(tmp_path, str(demo_shards), run_dir, steps)
         logs = [tmp_path / f"{phase}_node{r}.log" for r in range(2)]
-        port = _free_port() if loopback else 29400
-        procs = [launch_node(how, nodes, r, port, config, logs[r]) for r in range(2)]
-        reaper.extend(procs)
-        return procs, logs
+        for attempt in range(ATTEMPTS):
+            # Both nodes must be told the port beforehand. A free one, found where node 0 listens: in
+            # its namespace nothing but this test's processes can take it; on the loopback another
+            # process can, before node 0 binds it, and then the nodes start again on another port.
+            port = free_port(nodes[0].prefix)
+            offsets = [log.stat().st_size if log.exists() else 0 for log in logs]
+            procs = [launch_node(how, nodes, r, port, config, logs[r]) for r in range(2)]
+            reaper.extend(procs)
+            if attempt == ATTEMPTS - 1 or not lost_port(procs, logs, offsets):
+                return procs, logs
+            for p in procs:
+                kill_node(p)
+                p.wait()
+        raise AssertionError("unreachable")
 
     def run_to_end(how: str, phase: str, steps: int) -> str:
         procs, logs = launch(how, phase, steps)

@@ -16,9 +16,9 @@ from data_prep.binidx import MMapIndexedDataset
 from data_prep.pipeline import PrepSettings, run_prep
 
 REPO = Path(__file__).resolve().parents[1]
+PAUSED_RUN = Path(__file__).with_name("paused_run.py")
 SHARDS = 12
-# Copies of the corpus in the input: enough work after the second shard that the kill lands
-# mid-job even on an idle machine.
+# Copies of the corpus in the input: the job has real work left after the second shard.
 COPIES = 6
 
 
@@ -35,11 +35,25 @@ def corpus(demo_corpus, tmp_path_factory) -> list[str]:
 
 
 def _start(inputs, tokenizer, prefix, workers=1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "data_prep", "--input", *inputs, "--tokenizer", tokenizer,
-           "--output-prefix", str(prefix), "--shards", str(SHARDS), "--workers", str(workers),
-           "--no-progress"]
+    return _popen([sys.executable, "-m", "data_prep", *_args(inputs, tokenizer, prefix, workers)])
+
+
+def _start_paused(inputs, tokenizer, prefix, workers=1) -> subprocess.Popen:
+    """The same job, stopping (to be killed) once two shards are finished: however fast the machine,
+    the kill lands mid-job, not after the job has finished (see paused_run.py)."""
+    env = {**os.environ, "RWKV_TEST_PAUSE_AFTER_SHARDS": "2"}
+    return _popen([sys.executable, str(PAUSED_RUN), "data_prep", *_args(inputs, tokenizer, prefix, workers)],
+                  env=env)
+
+
+def _args(inputs, tokenizer, prefix, workers) -> list[str]:
+    return ["--input", *inputs, "--tokenizer", tokenizer, "--output-prefix", str(prefix),
+            "--shards", str(SHARDS), "--workers", str(workers), "--no-progress"]
+
+
+def _popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     # Own process group: a kill reaches the job and its workers, as when a node or a batch job dies.
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -61,7 +75,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, corpus, demo_tokenizer
     run_prep(PrepSettings(inputs=corpus, tokenizer=demo_tokenizer, output_prefix=str(tmp_path / "ref"),
                           shards=SHARDS, workers=1, progress=False))
     prefix = tmp_path / "job"
-    proc = _start(corpus, demo_tokenizer, prefix, workers)
+    proc = _start_paused(corpus, demo_tokenizer, prefix, workers)
     _wait_for_two_shards(proc, Path(f"{prefix}.prep-state"))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -91,7 +105,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, corpus, demo_tokenizer
 
 def test_ctrl_c_stops_cleanly(tmp_path, corpus, demo_tokenizer):
     prefix = tmp_path / "job"
-    proc = _start(corpus, demo_tokenizer, prefix)
+    proc = _start_paused(corpus, demo_tokenizer, prefix)
     _wait_for_two_shards(proc, Path(f"{prefix}.prep-state"))
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
     _, err = proc.communicate(timeout=60)

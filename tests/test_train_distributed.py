@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from machine import ATTEMPTS, free_port, port_clash
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
+PAUSED_RUN = Path(__file__).with_name("paused_run.py")
 STEPS = 12
 EVERY = 4
 TOKENS_PER_STEP = 4 * 2 * 64  # micro 4 x world 2 x ctx 64
@@ -42,16 +43,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(nproc: int | None, run_dir: Path, manifest: str, *sets: str) -> list[str]:
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-         "--master_port", str(_port())]
+        # --standalone: torchrun's store binds a free port itself (a port chosen here could be taken
+        # by another process before torchrun binds it)
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
         if nproc else [sys.executable]
     )
     cmd = launcher + ["-m", "train", "--config", str(TINY)]
@@ -80,8 +76,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -127,13 +123,18 @@ def _complete(run_dir: Path, step: int) -> bool:
 
 def _kill_after(cmd: list[str], log: Path, run_dir: Path, min_step: int, min_ckpt: int) -> int:
     """Start a run and SIGKILL its whole process group once step >= min_step is logged and
-    checkpoint min_ckpt is complete; returns the last step logged before the kill."""
-    proc = _start(cmd, log)
+    checkpoint min_ckpt is complete; returns the last step logged before the kill.
+
+    The run itself stops after logging min_step (paused_run.py) and waits there for the kill: else
+    on a fast machine it could log more steps, and complete the next checkpoint, before the kill."""
+    i = cmd.index("-m", cmd.index("--nproc_per_node") if "--nproc_per_node" in cmd else 1)
+    assert cmd[i : i + 2] == ["-m", "train"], cmd
+    cmd = [*cmd[:i], str(PAUSED_RUN), "train", *cmd[i + 2 :]]  # torchrun and python both run a script
+    proc = _start(cmd, log, env={**_env(), "RWKV_TEST_PAUSE_AFTER_STEP": str(min_step)})
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            # Cheap poll (the last record only): a few steps pass between the checkpoint and the
-            # next one, and the kill must land in between.
+            # Cheap poll (the last record only).
             last = _last_step(run_dir)
             if last >= min_step and _complete(run_dir, min_ckpt):
                 _kill_tree(proc)
@@ -186,8 +187,8 @@ def test_loss_falls_and_kill_resume_is_exact(stage, uninterrupted, demo_shards, 
     assert all(_complete(ref, s) for s in (4, 8, 12))
 
     run_dir = tmp_path / "killed"
-    # The killed run is given more steps so it cannot finish before the kill (the LR schedule is
-    # pinned by optim.decay_tokens, so the steps it does take are the same).
+    # The killed run is given more steps, as an interrupted long run has (the LR schedule is pinned
+    # by optim.decay_tokens, so the steps it does take are the same); it stops after step 9 for the kill.
     killed_at = _kill_after(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}", "train.steps=1000"),
                             tmp_path / "killed.log", run_dir, min_step=2 * EVERY + 1, min_ckpt=2 * EVERY)
     assert killed_at < STEPS, "killed too late to test anything"
@@ -233,16 +234,32 @@ def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_p
 def _start_as_srun(run_dir: Path, manifest: str, log_dir: Path, name: str, *sets: str,
                    ntasks: int = 2) -> list[subprocess.Popen]:
     """Start the trainer the way `srun` would: one plain process per task, SLURM_* variables only
-    (no RANK/WORLD_SIZE, no scontrol here: the master comes from SLURM_NODELIST)."""
-    port, procs = _port(), []
-    for task in range(ntasks):
-        env = _env()
-        env.update(SLURM_PROCID=str(task), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(task),
-                   SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(_cmd(None, run_dir, manifest, *sets), cwd=REPO, env=env,
-                                      stdout=open(log_dir / f"{name}.task{task}.log", "w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
+    (no RANK/WORLD_SIZE, no scontrol here: the master comes from SLURM_NODELIST).
+
+    The tasks must be told MASTER_PORT beforehand, so another process can take it before task 0's
+    store binds it: then task 0 fails with EADDRINUSE, and the tasks are started again on another
+    port. Returns once the process group is up (task 0 printed its resolved config) or a task ended."""
+    log0 = log_dir / f"{name}.task0.log"
+    for attempt in range(ATTEMPTS):
+        port, procs = free_port(), []
+        for task in range(ntasks):
+            env = _env()
+            env.update(SLURM_PROCID=str(task), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(task),
+                       SLURM_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(port))
+            procs.append(subprocess.Popen(_cmd(None, run_dir, manifest, *sets), cwd=REPO, env=env,
+                                          stdout=open(log_dir / f"{name}.task{task}.log", "w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 300  # first use builds DeepSpeed's shm op inside init_distributed
+        while "[train] resolved config:" not in log0.read_text(errors="replace"):
+            if any(p.poll() is not None for p in procs) or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        lost_port = procs[0].poll() is not None and port_clash(log0.read_text(errors="replace"))
+        if not lost_port or attempt == ATTEMPTS - 1:
+            return procs
+        for p in procs:  # task 0 lost its port: the others may be talking to whoever has it
+            _kill_tree(p)
+    raise AssertionError("unreachable")
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: int = 240) -> list[int]:
@@ -300,8 +317,8 @@ def test_nonfinite_step_leaves_weights_and_optimizer_state_unchanged(precision, 
     embedding output in the first of two micro-batches; every rank skips the step with its fp32
     master weights, Adam moments, step counts and model weights bit-identical; DeepSpeed saw finite
     (gated) gradients; the next step trains with a finite loss and does change the state."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_port()), str(REPO / "tests" / "skip_step_check.py"), demo_shards,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "skip_step_check.py"), demo_shards,
            str(tmp_path), precision, "0", "1", "2", "3"]
     text = _run(cmd, tmp_path / "skip.log", timeout=420)
     results = [json.loads(x[len("RESULT "):]) for x in text.splitlines() if x.startswith("RESULT ")]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,29 +243,100 @@ def test_shipped_configs_load_and_split_their_batch(path):
         cfg.train.grad_accum = 1
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("model.vocab_size=1000", "vocab_size is 1000"),
-        # DeepSpeed's CPU accelerator has no fp16: refused before any process group starts.
-        ("train.precision=fp16", "fp16 is not supported on cpu"),
-    ],
-)
-def test_cli_reports_config_errors_with_exit_status_2(demo_shards, override, message):
-    import os
-    import subprocess
-    import sys
-
+def _cli(demo_shards: str, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m train` with configs/tiny.yaml on DeepSpeed's CPU accelerator, one plain process."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["DS_ACCELERATOR"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-m", "train", "--config", str(TINY), "--set", f"data.manifests=[{demo_shards}]",
-         "--set", override],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
+    cmd = [sys.executable, "-m", "train", "--config", str(TINY), "--set", f"data.manifests=[{demo_shards}]"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_reports_config_errors_with_exit_status_2(demo_shards):
+    out = _cli(demo_shards, "model.vocab_size=1000")
     assert out.returncode == 2
-    assert "config error" in out.stderr and message in out.stderr
+    assert "config error" in out.stderr and "vocab_size is 1000" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------ fp16 on the CPU
+# Whether fp16 trains on the CPU is the machine's answer, not ours: DeepSpeed's CPU accelerator says yes
+# where oneDNN has fp16 kernels (torch.ops.mkldnn._is_mkldnn_fp16_supported(): CPUs with avx512_fp16 or
+# amx_fp16), no elsewhere, and the trainer refuses fp16 exactly where it says no. The CLI tests below
+# follow that answer (the same class `DS_ACCELERATOR=cpu` selects in the subprocess); the two in-process
+# tests force each answer, so both sides of the trainer's check run on every machine.
+def _cpu_fp16_supported() -> bool:
+    # asked inside the tests, not at collection: importing deepspeed takes seconds
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())
+
+
+NO_CPU_FP16 = (
+    "DeepSpeed's CPU accelerator reports no fp16 on this CPU (oneDNN fp16 needs avx512_fp16 or amx_fp16: "
+    "torch.ops.mkldnn._is_mkldnn_fp16_supported() is False)"
+)
+
+
+@pytest.fixture
+def forced_fp16(monkeypatch):
+    """Sets DeepSpeed's accelerator's fp16 answer for this test; keeps the process environment as it was
+    (Trainer exports RANK, WORLD_SIZE, MASTER_PORT, ... for the process group it would start)."""
+    from deepspeed.accelerator import get_accelerator
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(k, "")  # records the original value (or its absence) for teardown
+        monkeypatch.delenv(k)
+    accel = get_accelerator()
+
+    def force(supported: bool):
+        monkeypatch.setattr(type(accel), "is_fp16_supported", lambda self: supported)
+        return accel
+
+    return force
+
+
+def test_fp16_refused_with_exit_status_2_where_the_accelerator_has_none(demo_shards, forced_fp16, capsys):
+    from train.__main__ import main
+
+    accel = forced_fp16(False)
+    rc = main(["--config", str(TINY), "--set", f"data.manifests=[{demo_shards}]",
+               "--set", "train.precision=fp16"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "config error" in err and f"fp16 is not supported on {accel.device_name()}" in err
+    assert "use bf16 or fp32" in err
+
+
+def test_fp16_accepted_where_the_accelerator_has_it(demo_shards, forced_fp16):
+    from train.trainer import Trainer
+
+    forced_fp16(True)
+    trainer = Trainer(tiny(demo_shards, "train.precision=fp16"))  # checks precision; starts no process group
+    assert trainer.plan.ds["fp16"]["enabled"] is True and trainer.plan.ds["bf16"]["enabled"] is False
+
+
+def test_cli_refuses_fp16_on_a_cpu_without_it(demo_shards):
+    if _cpu_fp16_supported():
+        pytest.skip("this CPU has fp16 (the refusal runs in-process above, with the answer forced)")
+    out = _cli(demo_shards, "train.precision=fp16")
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "config error" in out.stderr and "fp16 is not supported on cpu" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_trains_fp16_on_a_cpu_with_it(demo_shards, tmp_path):
+    if not _cpu_fp16_supported():
+        pytest.skip(NO_CPU_FP16)
+    run_dir = tmp_path / "fp16"
+    out = _cli(demo_shards, "train.precision=fp16", f"run_dir={run_dir}", "train.steps=3", "eval.every=0",
+               "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
+               timeout=600)  # room for first-use builds (DeepSpeed's shm comm op, the WKV CPU twin)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
 
 
 def test_validation_batches_equal_on_every_rank(demo_shards):

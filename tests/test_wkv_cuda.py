@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from train.wkv import initial_state, load_extension, wkv, wkv_reference, wkv_with_state
 
@@ -15,6 +16,8 @@ pytestmark = [
     pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
     ),
+    # the kernel is compiled on first use: a GPU without the toolkit cannot run these
+    pytest.mark.skipif(cpp_extension.CUDA_HOME is None, reason="no CUDA toolkit (nvcc) to build the kernel"),
 ]
 
 NAMES = ("time_decay", "time_first", "k", "v")
