@@ -113,6 +113,11 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--hf-budget-s", type=float, default=30.0, help="time allowed for one transformers run")
     p.add_argument("--hf-presets", default="169m", help="presets to also run in transformers ('' for none)")
+    p.add_argument(
+        "--hf-ctx",
+        default="1024",
+        help="context lengths to run transformers at (its loop costs ~1 min/step at 4096)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -125,7 +130,7 @@ def main() -> int:
     rows = []
     for preset in args.presets.split(","):
         for ctx in (int(c) for c in args.ctx.split(",")):
-            hf = preset in args.hf_presets.split(",")
+            hf = preset in args.hf_presets.split(",") and str(ctx) in args.hf_ctx.split(",")
             row = run_one(preset, ctx, args.tokens, args.iters, hf, args.hf_budget_s)
             rows.append(row)
             print(json.dumps(row), flush=True)

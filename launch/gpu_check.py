@@ -498,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    from train.ext_build import arch_list_for_deepspeed
+
+    # Every stage in one arch spelling DeepSpeed can read: one WKV build serves them all.
+    arch_list_for_deepspeed()
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
