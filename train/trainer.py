@@ -221,10 +221,11 @@ class Trainer:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # Built on the rank's own device: a 14B model in fp32 is 56 GB, too much to build on the
-        # host once per GPU process.
-        with torch.device(self.device):
+        # host once per GPU process. Under ZeRO-3 each parameter is also partitioned as soon as its
+        # module exists (zero.Init), so no rank ever holds the whole model.
+        with self._model_construction(ds), torch.device(self.device):
             model = RWKV(p.model_cfg)
-        self.n_params = sum(x.numel() for x in model.parameters())
+        self.n_params = sum(getattr(x, "ds_numel", x.numel()) for x in model.parameters())
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layerwise_lr)
         if cfg.optim.name == "torch_adamw":
             opt = torch_adamw(groups, cfg.optim.lr_init, cfg.optim.betas, cfg.optim.eps)
@@ -236,6 +237,17 @@ class Trainer:
                 args=distributed.deepspeed_args(self.device), model=model, model_parameters=groups, config=ds
             )
         self.engine, self.optimizer = engine, optimizer
+
+    def _model_construction(self, ds: dict[str, Any]) -> Any:
+        """deepspeed.zero.Init at ZeRO-3 (parameters in the config's precision, partitioned at
+        creation; RWKV.init_weights gathers them one at a time), else nothing."""
+        import contextlib
+
+        import deepspeed
+
+        if self.cfg.train.zero_stage != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.Init(config_dict_or_path=ds)
 
     def _resume(self, cand: checkpointing.Candidate, universal: bool) -> tuple[int, int]:
         tag = cand.path.name + ("_universal" if universal else "")
