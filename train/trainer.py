@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpointing, distributed, ext_build
+from train import checkpointing, distributed, ext_build, to_universal
 from train.config import ModelConfig
 from train.data import TokenWindows
 from train.ds_config import fill_ds_config, load_ds_config
@@ -184,7 +184,11 @@ class Trainer:
     def _find_resume(self) -> tuple[checkpointing.Candidate | None, bool]:
         found: list[Any] = [None]
         if self.rank == 0:
-            found[0] = checkpointing.find_resume_point(self.ckpt_dir, log=self.log)
+            cand = checkpointing.find_resume_point(self.ckpt_dir, log=self.log)
+            if cand is not None and int(cand.meta["world_size"]) != self.world:
+                # Before the broadcast, so no rank can read a failure left by an earlier attempt.
+                to_universal.clear_failure(cand.path)
+            found[0] = cand
         dist.broadcast_object_list(found, src=0)
         cand = found[0]
         if cand is None:
@@ -205,10 +209,21 @@ class Trainer:
             dropped = truncate_metrics(self.run_dir / "metrics.jsonl", cand.step)
             if dropped:
                 self.log(f"metrics.jsonl: dropped {dropped} records after step {cand.step} (trained again)")
-            if universal:
-                checkpointing.to_universal(cand.path, log=self.log)
+        if universal:
+            self._convert_universal(cand.path)
         dist.barrier()
         return cand, universal
+
+    def _convert_universal(self, src: Path) -> None:
+        """Rank 0 converts; the others wait on its marker file, not in a collective, so the
+        conversion may outlast the collective timeout (a 14B conversion takes far longer)."""
+        try:
+            if self.rank == 0:
+                to_universal.convert(src, log=self.log)
+            else:
+                to_universal.wait_for(src, self.rank)
+        except to_universal.UniversalError as e:
+            raise TrainingError(str(e)) from None
 
     def _build_engine(self, universal: bool) -> None:
         import deepspeed
