@@ -5,11 +5,13 @@
 Runs the same 2-process job (torchrun, gloo, DS_ACCELERATOR=cpu) three times: ZeRO-3 building the
 whole model on every rank and letting the engine partition it (what the trainer did before),
 ZeRO-3 under `deepspeed.zero.Init` (what the trainer does now), and ZeRO-2 for reference. Each rank
-samples its own RSS every 5 ms; printed per rank: RSS before the model exists, the peak while it is
-built and the peak through `deepspeed.initialize` (both above that baseline), next to
-`train.estimate`'s construction figure; then the ratio zero.Init / plain. The optimizer is torch
-AdamW (no C++ build); on CPU the "device" is host memory too, so engine-init peaks include what a
-GPU would hold. MALLOC_MMAP_THRESHOLD_=65536 (unless set) so that freed tensors leave RSS.
+samples its own RSS every 5 ms; printed per rank, above its RSS before the model exists: the peak
+while it is built (next to `train.estimate`'s construction figure), the peak through
+`deepspeed.initialize`, and through one optimizer step (batch 1 x 16 tokens; Adam's moments are
+created here), next to `train.estimate`'s model states; then the ratio zero.Init / plain. The
+optimizer is torch AdamW (no C++ build); on CPU the "device" is host memory too, so engine-init
+and step peaks include what a GPU would hold. MALLOC_MMAP_THRESHOLD_=65536 (unless set) so that
+freed tensors leave RSS.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class PeakRSS:
         return peak
 
 
-def worker(mode: str, preset: str, vocab: int, precision: str, out: str) -> None:
+def worker(mode: str, preset: str, vocab: int, precision: str, bucket: int, out: str) -> None:
     import gc
 
     import deepspeed
@@ -70,8 +72,11 @@ def worker(mode: str, preset: str, vocab: int, precision: str, out: str) -> None
     rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
     stage = 2 if mode == "zero2" else 3
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world,
-          "zero_optimization": {"stage": stage}, "bf16": {"enabled": precision == "bf16"}}
-    mc = ModelConfig.from_preset(preset, vocab_size=vocab)
+          "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_bucket_size": bucket,
+                                "allgather_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket // 4,
+                                "stage3_param_persistence_threshold": 100000},
+          "bf16": {"enabled": precision == "bf16"}}
+    mc = ModelConfig.from_preset(preset, vocab_size=vocab, wkv_backend="reference")
     gc.collect()
     rss = PeakRSS()
     base = rss.phase()
@@ -86,12 +91,18 @@ def worker(mode: str, preset: str, vocab: int, precision: str, out: str) -> None
     deepspeed.comm.barrier()
     rss.phase()
     opt = torch_adamw(param_groups(model, 0.0, True), 1e-4, [0.9, 0.99], 1e-8)
-    deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     engine = max(construct, rss.phase())
+    # One optimizer step (batch 1 x 16 tokens): Adam's moments exist from here on.
+    idx = torch.randint(0, vocab, (1, 17), generator=torch.Generator().manual_seed(rank))
+    loss = torch.nn.functional.cross_entropy(eng(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
+    eng.backward(loss)
+    eng.step()
+    step = max(engine, rss.phase())
     rss.stop = True
     Path(f"{out}.rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world": world, "base": base, "construct": construct - base, "engine": engine - base,
-         "construct_s": t_construct, "n_params": mc.n_params()}))
+        {"rank": rank, "world": world, "base": base, "construct": construct - base,
+         "engine": engine - base, "step": step - base, "construct_s": t_construct}))
 
 
 def _port() -> int:
@@ -111,7 +122,8 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     out = tmp / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_port()), __file__, "--worker", mode, "--preset", args.preset, "--vocab-size",
-           str(args.vocab_size), "--precision", args.precision, "--out", str(out)]
+           str(args.vocab_size), "--precision", args.precision, "--bucket", str(args.bucket),
+           "--out", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{mode} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -123,32 +135,39 @@ def main() -> int:
     ap.add_argument("--preset", default="430m")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--bucket", type=int, default=200_000_000,
+                    help="reduce/allgather bucket size in elements (ds_config.json: 2e8; prefetch: 1/4)")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.preset, args.vocab_size, args.precision, args.out)
+        worker(args.worker, args.preset, args.vocab_size, args.precision, args.bucket, args.out)
         return 0
 
     from train.config import ModelConfig
-    from train.estimate import construction_bytes
+    from train.estimate import construction_bytes, estimate
 
     mc = ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size)
     pbytes = 2 if args.precision == "bf16" else 4
     est = {"zero3_plain": construction_bytes(mc, 2, False), "zero2": construction_bytes(mc, 2, False),
            "zero3_zero_init": construction_bytes(mc, 2, True, pbytes)}
+    # train.estimate's model states per rank (16-bit weights and gradients, fp32 master, gradients
+    # and Adam moments); on CPU all of it is host memory.
+    states = {m: estimate(mc, 2, 2 if m == "zero2" else 3, 16, 1).model_states for m in MODES}
     gib = 2**30
     print(f"{args.preset} (vocab {args.vocab_size}): {mc.n_params() / 1e6:.1f} M parameters; 2 processes, "
-          f"{args.precision}, DS_ACCELERATOR=cpu; memory above each rank's RSS before construction")
+          f"{args.precision}, buckets {args.bucket:.0e} elements, DS_ACCELERATOR=cpu; "
+          "memory above each rank's RSS before construction")
     print(f"{'mode':<17}{'rank':>5}{'construct GiB':>15}{'estimate GiB':>14}{'+engine init GiB':>18}"
-          f"{'build s':>9}")
+          f"{'+1 step GiB':>13}{'model states est.':>19}{'build s':>9}")
     results, ok = {}, True
     with tempfile.TemporaryDirectory(prefix="zero_init_bench_") as d:
         for mode in MODES:
             results[mode] = run_mode(mode, args, Path(d))
             for r in results[mode]:
                 print(f"{mode:<17}{r['rank']:>5}{r['construct'] / gib:>15.2f}{est[mode] / gib:>14.2f}"
-                      f"{r['engine'] / gib:>18.2f}{r['construct_s']:>9.1f}")
+                      f"{r['engine'] / gib:>18.2f}{r['step'] / gib:>13.2f}{states[mode] / gib:>19.2f}"
+                      f"{r['construct_s']:>9.1f}")
                 if abs(r["construct"] - est[mode]) > TOLERANCE * est[mode]:
                     ok = False
     plain, part = results["zero3_plain"], results["zero3_zero_init"]
