@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/model.py
 	$(PY) bench/train.py
 	$(PY) bench/convert_memory.py --preset 169m
+	$(PY) bench/zero_init.py
 
 # The GPU acceptance run: on the machine's own torch from the source tree (no .venv, no network).
 GPU_PYTHON ?= python3

@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from train.checkpoint_marker import MARKER, check_tag
+
 # Written by our trainer into a tag once every rank has finished saving it.
-COMPLETION_MARKER = "complete.json"
+COMPLETION_MARKER = MARKER
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Wrappers (DDP, torch.compile, a trainer's container module) prefix parameter names.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -194,19 +196,10 @@ def _is_tag_dir(path: Path) -> bool:
 
 
 def _incomplete_reason(tag_dir: Path) -> str | None:
-    """Why a tag written with a completion marker is not usable; None when it is complete."""
-    marker = tag_dir / COMPLETION_MARKER
-    if not marker.is_file():
-        return f"no {COMPLETION_MARKER} (the save did not finish on every rank)"
-    try:
-        files = json.loads(marker.read_text()).get("files", {})
-    except (json.JSONDecodeError, AttributeError) as e:
-        return f"unreadable {marker.name}: {e}"
-    for rel, size in files.items():
-        f = tag_dir / rel
-        if not f.is_file() or f.stat().st_size != size:
-            return f"{rel} is missing or not the {size} bytes recorded at save time"
-    return None
+    """Why a tag written with a completion marker is not usable; None when it is complete.
+    The trainer's own check (train.checkpoint_marker), so resume and conversion agree."""
+    meta, reason = check_tag(tag_dir)
+    return None if meta is not None else reason
 
 
 def _uses_markers(path: Path) -> bool:

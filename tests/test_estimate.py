@@ -73,3 +73,41 @@ def test_cli_prints_breakdown_and_agreement():
         assert label in out
     assert "DeepSpeed's estimator" in out and "(agrees" in out
     assert "tokens/s per GPU" in out
+
+
+def test_construction_peak_per_rank():
+    """Without zero.Init every rank builds the whole fp32 model; under it 1/world (16-bit) plus the
+    largest layer gathered for its init. The bench (bench/zero_init.py) checks both against RSS."""
+    from train.estimate import construction_bytes, largest_layer_params
+
+    mc = ModelConfig.from_preset("14b")
+    P = mc.n_params()
+    assert construction_bytes(mc, 64, zero_init=False) == 4 * P
+    part = construction_bytes(mc, 64, zero_init=True)
+    assert part == 2 * -(-P // 64) + 10 * largest_layer_params(mc)
+    assert part < 4 * P / 15
+
+
+def test_zero12_host_staging_follows_deepspeeds_rule():
+    """stage_1_and_2 flattens on the GPU when the flat 16-bit buffer fits beside the parameters,
+    else copies every parameter to the host and flattens there (2 x the 16-bit model per rank)."""
+    from train.estimate import zero12_host_staging
+
+    mc = ModelConfig.from_preset("14b")
+    flat = 2 * mc.n_params()
+    assert zero12_host_staging(mc, 80 * 2**30) == 0  # 26 GiB params + 26 GiB buffer fit 80 GB
+    assert zero12_host_staging(mc, 40 * 2**30) == 2 * flat
+
+
+def test_cli_prints_construction_and_host_memory():
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "train.estimate", "--preset", "14b", "--nodes", "8", *a],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    z3 = run("--zero", "3")
+    assert "whole model in fp32 (no zero.Init)" in z3 and "52.71 GiB" in z3
+    assert "zero.Init (ZeRO-3: 1/world + largest)     2.81 GiB  <- this run" in z3
+    assert "host memory per rank" not in z3
+    z2 = run("--zero", "2", "--gpu-mem-gib", "40")
+    assert "host memory per rank at engine init         52.71 GiB (flat buffer staged on the host)" in z2
+    assert "0.00 GiB (flat buffer on the GPU)" in run("--zero", "2")

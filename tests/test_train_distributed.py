@@ -2,10 +2,10 @@
 
 Per ZeRO stage: an uninterrupted run (the loss falls), and a run SIGKILLed after a checkpoint then
 relaunched, whose metrics.jsonl must equal the uninterrupted run's exactly (fp32 on CPU is
-deterministic). Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal;
-2 tasks started as srun would, SIGTERM checkpointing, and the non-finite-loss guard; a step with a
-NaN inside one rank's forward pass leaves weights and optimizer state bit-identical (ZeRO 0-3, fp32
-and bf16).
+deterministic). Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal
+(and that one resumed by 2 again); 2 tasks started as srun would, SIGTERM checkpointing, and the
+non-finite-loss guard; a step with a NaN inside one rank's forward pass leaves weights and
+optimizer state bit-identical (ZeRO 0-3, fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -215,12 +215,18 @@ def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_p
     shutil.copytree(ref, run_dir)
     (run_dir / "checkpoints" / "step12" / "complete.json").unlink()  # resume from step 8
     (run_dir / "checkpoints" / "step12" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    # A conversion killed part-way left a directory without its marker: it must be redone.
+    partial = run_dir / "checkpoints" / "step8_universal"
+    (partial / "zero").mkdir(parents=True)
+    (partial / "zero" / "half_written.pt").write_bytes(b"partial")
     text = _run(_cmd(None, run_dir, demo_shards, "train.zero_stage=2", "train.grad_accum=2"),
                 tmp_path / "one.log")
     assert "world size 1 (single)" in text
-    assert "converting" in text and "universal" in text
-    assert f"at step {2 * EVERY}" in text
-    assert (run_dir / "checkpoints" / "step8_universal" / "zero").is_dir()
+    assert "no valid complete.json (a conversion cut short" in text
+    assert "converting" in text and "ds_to_universal's progress follows" in text
+    assert f"at step {2 * EVERY}" in text and "through a universal checkpoint" in text
+    assert (partial / "zero").is_dir() and not (partial / "zero" / "half_written.pt").exists()
+    assert (partial / "complete.json").is_file()
     a, b = _train_records(ref), _train_records(run_dir)
     assert sorted(b) == list(range(1, STEPS + 1))
     for s in range(2 * EVERY + 1, STEPS + 1):
@@ -229,6 +235,19 @@ def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_p
     assert _complete(run_dir, STEPS)
     meta = json.loads((run_dir / "checkpoints" / f"step{STEPS}" / "complete.json").read_text())
     assert meta["world_size"] == 1
+
+    # And back to 2 processes: rank 0 converts step12 while rank 1 waits on the marker file (no
+    # collective pending, so a long conversion cannot hit the collective timeout).
+    more = STEPS + EVERY
+    text = _run(_cmd(2, run_dir, demo_shards, "train.zero_stage=2", f"train.steps={more}"),
+                tmp_path / "two.log")
+    assert "rank 1: waiting for rank 0 to convert" in text
+    assert f"at step {STEPS}" in text and "through a universal checkpoint" in text
+    c = _train_records(run_dir)
+    assert sorted(c) == list(range(1, more + 1))
+    assert all(c[s]["loss"] < a[1]["loss"] - 1.0 for s in range(STEPS + 1, more + 1))
+    meta = json.loads((run_dir / "checkpoints" / f"step{more}" / "complete.json").read_text())
+    assert meta["world_size"] == 2
 
 
 def _start_as_srun(run_dir: Path, manifest: str, log_dir: Path, name: str, *sets: str,

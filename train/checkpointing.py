@@ -6,6 +6,7 @@ Layout under `run_dir/checkpoints/`:
     stepN/rng_rank{r}.pt     rank r's torch / numpy / python RNG states (client_state is rank 0's only)
     stepN/complete.json      written by rank 0 after every rank finished: step, world size, file sizes
     stepN_universal/         ds_to_universal output, made when resuming at another world size
+                             (train.to_universal; its own complete.json names the source save)
 
 A tag without `complete.json`, or whose files no longer match the sizes recorded there, or whose
 model-state file does not load, is reported and skipped: resume falls back to the previous one.
@@ -13,13 +14,9 @@ model-state file does not load, is reported and skipped: resume falls back to th
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "complete.json"
+from train.checkpoint_marker import MARKER, check_tag, write_marker
+from train.to_universal import convert as to_universal
+
+__all__ = ["MARKER", "Candidate", "check_tag", "find_resume_point", "save", "to_universal"]
+
 TAG_RE = re.compile(r"^step(\d+)$")
 
 
@@ -56,41 +57,6 @@ class Candidate:
     step: int
     path: Path
     meta: dict[str, Any]
-
-
-def _files_with_sizes(root: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(root)): p.stat().st_size
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MARKER
-    }
-
-
-def check_tag(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """(meta, "") for a complete, intact tag; (None, reason) otherwise."""
-    marker = path / MARKER
-    if not marker.is_file():
-        return None, "no complete.json (the save did not finish on every rank)"
-    try:
-        meta = json.loads(marker.read_text())
-        recorded: dict[str, int] = meta["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return None, f"unreadable {MARKER}: {e}"
-    for rel, size in recorded.items():
-        f = path / rel
-        if not f.is_file():
-            return None, f"{rel} is missing"
-        if f.stat().st_size != size:
-            return None, f"{rel} is {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
-    # ZeRO 1/2 save mp_rank_00_model_states.pt; ZeRO 3 one zero_pp_rank_R_mp_rank_00_model_states.pt per rank.
-    model_files = sorted(path.glob("*mp_rank_*_model_states.pt"))
-    if not model_files:
-        return None, "no model-state file (*mp_rank_*_model_states.pt)"
-    try:
-        torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
-        return None, f"{model_files[0].name} does not load: {type(e).__name__}: {e}"
-    return meta, ""
 
 
 def find_resume_point(ckpt_dir: Path, log=print) -> Candidate | None:
@@ -129,10 +95,7 @@ def save(
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        meta = {"step": step, "world_size": world_size, "files": _files_with_sizes(path)}
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path / MARKER)
+        write_marker(path, {"step": step, "world_size": world_size})
         prune(ckpt_dir, keep)
     dist.barrier()
     return path
@@ -148,6 +111,7 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for _, p in complete[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
         shutil.rmtree(p.with_name(p.name + "_universal"), ignore_errors=True)
+        p.with_name(p.name + "_universal.failed").unlink(missing_ok=True)
 
 
 def discard_newer(ckpt_dir: Path, step: int, log=print) -> None:
@@ -160,31 +124,6 @@ def discard_newer(ckpt_dir: Path, step: int, log=print) -> None:
             shutil.rmtree(target, ignore_errors=True)
             p.rename(target)
             log(f"checkpoint {p}: newer than the resume point and unusable; moved to {target.name}")
-
-
-def to_universal(src: Path, log=print) -> Path:
-    """ds_to_universal src -> src_universal (once; reused when already converted)."""
-    out = src.with_name(src.name + "_universal")
-    if (out / MARKER).is_file():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    log(f"converting {src} to a universal checkpoint in {out} (world size changed)")
-    cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder", str(src), "--output_folder", str(out), "--inject_missing_state",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"ds_to_universal failed on {src} (exit {result.returncode}):\n{result.stdout[-2000:]}\n"
-            f"{result.stderr[-4000:]}"
-        )
-    # The client state (step, tokens, config) lives in the model-state file; keep ours beside it.
-    for f in src.glob("mp_rank_*_model_states.pt"):
-        if not (out / f.name).exists():
-            shutil.copy2(f, out / f.name)
-    (out / MARKER).write_text(json.dumps({"from": src.name}))
-    return out
 
 
 def load_rng(path: Path, rank: int) -> bool:

@@ -18,12 +18,27 @@ around relu^2), plus the logits (16-bit) and their fp32 softmax: 6 * vocab bytes
 checkpointing per block only the block inputs stay (n_embd values per layer), and one block is
 recomputed at a time. Framework buffers, fragmentation and communication buckets come on top.
 
+Model construction, per rank, before the engine exists: without zero.Init every rank builds the
+whole model in fp32 (4 bytes per parameter; on the GPU, as the trainer does). At ZeRO-3 the
+trainer builds under `deepspeed.zero.Init`: parameters are created in the run's precision and
+partitioned as soon as their module exists, and `RWKV.init_weights` gathers one parameter at a time
+(its 16-bit copy, its fp32 initial value and about one more fp32 copy of QR workspace), so a rank
+holds 1/world of the model plus the largest layer.
+
+Host memory at engine init, ZeRO 1/2 (DeepSpeed 0.19 `stage_1_and_2.py`): each parameter group is
+flattened into one contiguous 16-bit buffer. When the GPU has room for that buffer beside the
+parameters it is built there and the host holds nothing; otherwise every parameter is first copied
+to the host and the flat buffer is built there: 2 x 2 bytes per parameter of host memory on every
+rank (times the GPUs of a node). With optimizer offload the host also keeps the fp32 master
+weights, fp32 gradient partitions and Adam moments, 16 bytes per parameter / world.
+
 Throughput: tokens/s per GPU = MFU x peak FLOP/s / training FLOPs per token (`ModelConfig`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 
@@ -91,6 +106,21 @@ def estimate(
                     mc.flops_per_token(ctx_len))
 
 
+def construction_bytes(mc: ModelConfig, gpus: int, zero_init: bool, param_bytes: int = BYTES_16) -> int:
+    """Peak bytes per rank while the model is built (see the module docstring)."""
+    if not zero_init:
+        return 4 * mc.n_params()
+    return param_bytes * math.ceil(mc.n_params() / gpus) + (param_bytes + 8) * largest_layer_params(mc)
+
+
+def zero12_host_staging(mc: ModelConfig, gpu_bytes: int, param_bytes: int = BYTES_16) -> int:
+    """Host bytes per rank that ZeRO 1/2 stage at engine init to flatten the parameters: none when
+    the flat 16-bit buffer fits on the GPU beside the (already 16-bit) parameters, else a host copy
+    of every parameter plus the host flat buffer."""
+    flat = param_bytes * mc.n_params()
+    return 0 if gpu_bytes - flat >= flat else 2 * flat
+
+
 def deepspeed_model_states(
     n_params: int, largest_layer: int, zero: int, gpus_per_node: int, nodes: int, offload: bool
 ) -> int | None:
@@ -142,6 +172,16 @@ def report(args: argparse.Namespace) -> str:
     ]
     if e.cpu_optimizer:
         lines.append(f"  CPU memory for the offloaded optimizer, per GPU {_gib(e.cpu_optimizer)}")
+    lines += [
+        "model construction, peak per rank (before the engine):",
+        f"  whole model in fp32 (no zero.Init)    {_gib(construction_bytes(mc, gpus, False))}",
+        f"  zero.Init (ZeRO-3: 1/world + largest) {_gib(construction_bytes(mc, gpus, True))}"
+        + ("  <- this run" if args.zero == 3 else ""),
+    ]
+    if args.zero in (1, 2):
+        staged = zero12_host_staging(mc, int(args.gpu_mem_gib * 2**30))
+        where = "flat buffer on the GPU" if staged == 0 else "flat buffer staged on the host"
+        lines.append(f"host memory per rank at engine init      {_gib(staged)} ({where})")
     if ds is None:
         lines.append(f"DeepSpeed has no model-state estimator for ZeRO {args.zero}")
     else:
@@ -167,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--vocab-size", type=int, default=0, help="default: the preset's (50277)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU (H100: 80)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, bf16 dense (H100 SXM: 989)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     args = ap.parse_args(argv)

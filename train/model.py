@@ -10,8 +10,11 @@ keys only. Two modes:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,6 +154,9 @@ class RWKV(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # One draw from the global CPU generator, so torch.manual_seed decides the initial weights;
+        # init_weights derives every parameter's own generator from it (see there).
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
@@ -177,41 +183,42 @@ class RWKV(nn.Module):
         (zeros) for att.key, att.receptance, att.output, ffn.value, ffn.receptance; head scale 0.5;
         emb scale -1e-4 (uniform in [-1e-4, 1e-4]); everything else orthogonal with gain * scale
         (att.value, ffn.key).
+
+        Works on parameters partitioned by DeepSpeed ZeRO-3 (`deepspeed.zero.Init`): each one is
+        gathered in turn, filled on rank 0 and scattered back, so the whole model is never on one
+        rank. The values do not depend on how the model was built: each parameter draws from its
+        own generator (seeded from `self.init_seed` and its index), values are computed in fp32
+        (vectors in float64 first) and then cast to the parameter's dtype, and no tensor
+        constructor that zero.Init patches (torch.empty/zeros/arange/...) is used.
         """
-        cfg = self.cfg
-        C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
-        ddd = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
-        h = torch.arange(A, dtype=torch.float64)
-        zigzag = ((torch.arange(A) + 1) % 3 - 1).double() * 0.5
-        for layer_id, block in enumerate(self.blocks):
-            ratio_0_to_1 = layer_id / (L - 1) if L > 1 else 0.0
-            ratio_1_to_almost0 = 1.0 - layer_id / L
-            att, ffn = block.att, block.ffn
-            att.time_decay.copy_(-5 + 8 * (h / (A - 1)) ** (0.7 + 1.3 * ratio_0_to_1))
-            att.time_first.copy_(torch.ones(A, dtype=torch.float64) * math.log(0.3) + zigzag)
-            att.time_mix_k.copy_(torch.pow(ddd, ratio_1_to_almost0))
-            att.time_mix_v.copy_(torch.pow(ddd, ratio_1_to_almost0) + 0.3 * ratio_0_to_1)
-            att.time_mix_r.copy_(torch.pow(ddd, 0.5 * ratio_1_to_almost0))
-            ffn.time_mix_k.copy_(torch.pow(ddd, ratio_1_to_almost0))
-            ffn.time_mix_r.copy_(torch.pow(ddd, ratio_1_to_almost0))
-        for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        for index, (name, p) in enumerate(self.named_parameters()):
+            with _gathered(p) as writer:
+                if writer:
+                    value = self._init_value(name, p, self.init_seed + index)
+                    p.copy_(value)
+
+    def _init_value(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
+        """The fp32 initial value of parameter `name` (p: its whole tensor; see init_weights)."""
+        shape, parts = tuple(p.shape), name.split(".")
+        if name.startswith("blocks.") and parts[3].startswith("time_"):
+            layer_id = int(parts[1])
+            vec = _fancy_vector(parts[2], parts[3], layer_id, self.cfg)
+            return torch.from_numpy(vec.astype(np.float32)).reshape(shape).to(p.device)
+        if parts[-2].startswith("ln"):
+            fill = 1.0 if parts[-1] == "weight" else 0.0
+            return p.new_full(shape, fill, dtype=torch.float32)
+        out = p.new_zeros(shape, dtype=torch.float32)
         zero_init = (".att.key.", ".att.receptance.", ".att.output.", ".ffn.value.", ".ffn.receptance.")
-        for name, p in self.named_parameters():
-            if p.dim() != 2:
-                continue
-            if name == "emb.weight":
-                nn.init.uniform_(p, a=-1e-4, b=1e-4)
-                continue
-            if any(z in name for z in zero_init):
-                nn.init.zeros_(p)
-                continue
-            rows, cols = p.shape
-            gain = math.sqrt(rows / cols) if rows > cols else 1.0
-            scale = 0.5 if name == "head.weight" else 1.0
-            _orthogonal_(p, gain * scale)
+        if any(z in name for z in zero_init):
+            return out
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(seed)
+        if name == "emb.weight":
+            return nn.init.uniform_(out, a=-1e-4, b=1e-4, generator=gen)
+        rows, cols = shape
+        gain = math.sqrt(rows / cols) if rows > cols else 1.0
+        scale = 0.5 if name == "head.weight" else 1.0
+        return nn.init.orthogonal_(out, gain=gain * scale, generator=gen)
 
     # ----------------------------------------------------------------------------- parallel mode
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -271,11 +278,32 @@ class RWKV(nn.Module):
         return logits, new_state
 
 
-def _orthogonal_(p: torch.Tensor, gain: float) -> None:
-    """nn.init.orthogonal_ computed in fp32 (QR has no bf16/fp16 kernels) and copied into p."""
-    if p.dtype == torch.float32:
-        nn.init.orthogonal_(p, gain=gain)
+def _fancy_vector(kind: str, param: str, layer_id: int, cfg: ModelConfig) -> np.ndarray:
+    """RWKV-LM's per-channel vectors in float64 (numpy: zero.Init casts torch's float64 constructors)."""
+    C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
+    ratio_0_to_1 = layer_id / (L - 1) if L > 1 else 0.0
+    ratio_1_to_almost0 = 1.0 - layer_id / L
+    ddd = np.arange(C, dtype=np.float64) / C
+    if param == "time_decay":
+        return -5 + 8 * (np.arange(A, dtype=np.float64) / (A - 1)) ** (0.7 + 1.3 * ratio_0_to_1)
+    if param == "time_first":
+        zigzag = ((np.arange(A) + 1) % 3 - 1).astype(np.float64) * 0.5
+        return np.ones(A, dtype=np.float64) * math.log(0.3) + zigzag
+    if param == "time_mix_r" and kind == "att":
+        return np.power(ddd, 0.5 * ratio_1_to_almost0)
+    if param == "time_mix_v":
+        return np.power(ddd, ratio_1_to_almost0) + 0.3 * ratio_0_to_1
+    return np.power(ddd, ratio_1_to_almost0)  # att.time_mix_k, ffn.time_mix_k, ffn.time_mix_r
+
+
+@contextlib.contextmanager
+def _gathered(p: nn.Parameter) -> Iterator[bool]:
+    """Yield whether this process writes p's initial value: always for an ordinary parameter; for a
+    ZeRO-3 partitioned one, p is gathered whole, rank 0 writes, and its value is scattered on exit."""
+    if not hasattr(p, "ds_id"):
+        yield True
         return
-    tmp = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    nn.init.orthogonal_(tmp, gain=gain)
-    p.copy_(tmp)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        yield deepspeed.comm.get_rank() == 0

@@ -28,7 +28,7 @@ def param_groups(model: nn.Module, weight_decay: float, layerwise_lr: bool) -> l
             names["lr_2x"].append(n)
         elif layerwise_lr and "time_first" in n:
             names["lr_3x"].append(n)
-        elif weight_decay > 0 and len(p.squeeze().shape) >= 2:
+        elif weight_decay > 0 and _matrix_dims(p) >= 2:
             names["decay"].append(n)
         else:
             names["lr_1x"].append(n)
@@ -47,6 +47,12 @@ def param_groups(model: nn.Module, weight_decay: float, layerwise_lr: bool) -> l
             }
         )
     return groups
+
+
+def _matrix_dims(p: torch.Tensor) -> int:
+    """Dimensions of size > 1 (RWKV-LM's len(p.squeeze().shape)); a ZeRO-3 partitioned parameter
+    is an empty placeholder whose real shape is p.ds_shape."""
+    return sum(1 for d in getattr(p, "ds_shape", p.shape) if d != 1)
 
 
 def torch_adamw(

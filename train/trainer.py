@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train import checkpointing, distributed, ext_build
+from train import checkpointing, distributed, ext_build, to_universal
 from train.config import ModelConfig
 from train.data import TokenWindows
 from train.ds_config import fill_ds_config, load_ds_config
@@ -184,7 +184,11 @@ class Trainer:
     def _find_resume(self) -> tuple[checkpointing.Candidate | None, bool]:
         found: list[Any] = [None]
         if self.rank == 0:
-            found[0] = checkpointing.find_resume_point(self.ckpt_dir, log=self.log)
+            cand = checkpointing.find_resume_point(self.ckpt_dir, log=self.log)
+            if cand is not None and int(cand.meta["world_size"]) != self.world:
+                # Before the broadcast, so no rank can read a failure left by an earlier attempt.
+                to_universal.clear_failure(cand.path)
+            found[0] = cand
         dist.broadcast_object_list(found, src=0)
         cand = found[0]
         if cand is None:
@@ -205,10 +209,21 @@ class Trainer:
             dropped = truncate_metrics(self.run_dir / "metrics.jsonl", cand.step)
             if dropped:
                 self.log(f"metrics.jsonl: dropped {dropped} records after step {cand.step} (trained again)")
-            if universal:
-                checkpointing.to_universal(cand.path, log=self.log)
+        if universal:
+            self._convert_universal(cand.path)
         dist.barrier()
         return cand, universal
+
+    def _convert_universal(self, src: Path) -> None:
+        """Rank 0 converts; the others wait on its marker file, not in a collective, so the
+        conversion may outlast the collective timeout (a 14B conversion takes far longer)."""
+        try:
+            if self.rank == 0:
+                to_universal.convert(src, log=self.log)
+            else:
+                to_universal.wait_for(src, self.rank)
+        except to_universal.UniversalError as e:
+            raise TrainingError(str(e)) from None
 
     def _build_engine(self, universal: bool) -> None:
         import deepspeed
@@ -221,10 +236,11 @@ class Trainer:
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # Built on the rank's own device: a 14B model in fp32 is 56 GB, too much to build on the
-        # host once per GPU process.
-        with torch.device(self.device):
+        # host once per GPU process. Under ZeRO-3 each parameter is also partitioned as soon as its
+        # module exists (zero.Init), so no rank ever holds the whole model.
+        with self._model_construction(ds), torch.device(self.device):
             model = RWKV(p.model_cfg)
-        self.n_params = sum(x.numel() for x in model.parameters())
+        self.n_params = sum(getattr(x, "ds_numel", x.numel()) for x in model.parameters())
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layerwise_lr)
         if cfg.optim.name == "torch_adamw":
             opt = torch_adamw(groups, cfg.optim.lr_init, cfg.optim.betas, cfg.optim.eps)
@@ -236,6 +252,17 @@ class Trainer:
                 args=distributed.deepspeed_args(self.device), model=model, model_parameters=groups, config=ds
             )
         self.engine, self.optimizer = engine, optimizer
+
+    def _model_construction(self, ds: dict[str, Any]) -> Any:
+        """deepspeed.zero.Init at ZeRO-3 (parameters in the config's precision, partitioned at
+        creation; RWKV.init_weights gathers them one at a time), else nothing."""
+        import contextlib
+
+        import deepspeed
+
+        if self.cfg.train.zero_stage != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.Init(config_dict_or_path=ds)
 
     def _resume(self, cand: checkpointing.Candidate, universal: bool) -> tuple[int, int]:
         tag = cand.path.name + ("_universal" if universal else "")

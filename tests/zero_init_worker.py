@@ -1,0 +1,34 @@
+"""Worker for tests/test_zero_init.py (run by torchrun): build RWKV under deepspeed.zero.Init, then
+gather every parameter and save what each rank holds, plus the size of its own partition."""
+
+from __future__ import annotations
+
+import sys
+
+import deepspeed
+import torch
+
+from train.config import ModelConfig
+from train.model import RWKV
+
+
+def main(out: str, precision: str, seed: int) -> None:
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rank = deepspeed.comm.get_rank()
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+          "bf16": {"enabled": precision == "bf16"}}
+    cfg = ModelConfig.from_preset("tiny", n_layer=3, n_embd=64, vocab_size=300)
+    torch.manual_seed(seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = RWKV(cfg)
+    local = sum(p.ds_tensor.numel() for p in model.parameters())
+    placeholders = all(p.numel() == 0 for p in model.parameters())
+    full = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            full[name] = p.detach().clone()
+    torch.save({"params": full, "local_numel": local, "placeholders": placeholders}, f"{out}.rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
