@@ -111,3 +111,16 @@ def test_cli_prints_construction_and_host_memory():
     z2 = run("--zero", "2", "--gpu-mem-gib", "40")
     assert "host memory per rank at engine init         52.71 GiB (flat buffer staged on the host)" in z2
     assert "0.00 GiB (flat buffer on the GPU)" in run("--zero", "2")
+
+
+def test_wkv_scratch_follows_the_chunk_length():
+    """The CUDA backward's scratch is 8 bytes per (batch, step, channel) of one chunk."""
+    from train.config import ModelConfig
+    from train.estimate import main, wkv_scratch_bytes
+
+    whole = ModelConfig.from_preset("1b5")
+    chunked = ModelConfig.from_preset("1b5", wkv_chunk_len=1024)
+    assert wkv_scratch_bytes(whole, 4096, 8) == 8 * 8 * 4096 * 2048
+    assert wkv_scratch_bytes(chunked, 4096, 8) == wkv_scratch_bytes(whole, 4096, 8) // 4
+    assert wkv_scratch_bytes(chunked, 512, 8) == 8 * 8 * 512 * 2048  # a chunk longer than the window
+    assert main(["--preset", "1b5", "--wkv-chunk-len", "1024"]) == 0

@@ -96,9 +96,22 @@ def test_backward_takes_no_memory_outside_pytorch():
         return (total - free) - torch.cuda.memory_reserved()
 
     before = outside_torch()
-    inputs = inputs_on_cuda(8, 4096, 1024, torch.bfloat16)
+    B, T, C = 8, 4096, 1024
+    inputs = inputs_on_cuda(B, T, C, torch.bfloat16)
     y = wkv(*inputs, backend="cuda")
-    torch.autograd.grad(y, inputs, torch.ones_like(y))
+    gy = torch.ones_like(y)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.grad(y, inputs, gy)
     torch.cuda.synchronize()
     grown = outside_torch() - before
     assert grown < 256 * 2**20, f"{grown / 2**30:.2f} GiB of device memory appeared outside PyTorch"
+    # What train.estimate counts for the backward's scratch, against what the allocator saw: the peak
+    # also holds gk, gv (bf16) and the small per-row gradients.
+    from train.config import ModelConfig
+    from train.estimate import wkv_scratch_bytes
+
+    scratch = wkv_scratch_bytes(ModelConfig(n_layer=1, n_embd=C, ctx_len=T), T, B)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert scratch <= extra <= scratch + 2 * 2 * B * T * C + 64 * 2**20, (scratch, extra)

@@ -60,6 +60,7 @@ class Estimate:
     optimizer: int
     activations: int
     activations_checkpointed: int
+    wkv_scratch: int  # the CUDA WKV backward's per-step scratch, one layer at a time (transient)
     cpu_optimizer: int
     flops_per_token: float
 
@@ -71,6 +72,12 @@ class Estimate:
 def largest_layer_params(mc: ModelConfig) -> int:
     """Largest single weight (DeepSpeed's `largest_layer_params`): embedding/head or a 4D x D matrix."""
     return max(mc.vocab_size * mc.n_embd, mc.dim_ffn * mc.n_embd, mc.dim_att * mc.n_embd)
+
+
+def wkv_scratch_bytes(mc: ModelConfig, ctx_len: int, micro_batch: int) -> int:
+    """The CUDA WKV backward's scratch: one (2, B, T, C) fp32 tensor per call, T = chunk (wkv_op.cpp)."""
+    steps = min(mc.wkv_chunk_len or ctx_len, ctx_len)
+    return 2 * 4 * micro_batch * steps * mc.dim_att
 
 
 def estimate(
@@ -102,7 +109,8 @@ def estimate(
     layer_act = ACT_VALUES_PER_LAYER * D * BYTES_16
     activations = tokens * (L * layer_act + LOGIT_BYTES * V)
     checkpointed = tokens * (L * D * BYTES_16 + layer_act + LOGIT_BYTES * V)
-    return Estimate(P, big, N, params, grads, optimizer, activations, checkpointed, cpu_optimizer,
+    scratch = wkv_scratch_bytes(mc, ctx_len, micro_batch)
+    return Estimate(P, big, N, params, grads, optimizer, activations, checkpointed, scratch, cpu_optimizer,
                     mc.flops_per_token(ctx_len))
 
 
@@ -145,7 +153,7 @@ def _gib(x: float) -> str:
 
 
 def report(args: argparse.Namespace) -> str:
-    overrides = {"ctx_len": args.ctx_len}
+    overrides = {"ctx_len": args.ctx_len, "wkv_chunk_len": args.wkv_chunk_len}
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
     mc = ModelConfig.from_preset(args.preset, **overrides)
@@ -154,6 +162,7 @@ def report(args: argparse.Namespace) -> str:
     ds = deepspeed_model_states(e.n_params, e.largest_layer, args.zero, args.gpus_per_node, args.nodes,
                                 args.offload)
     tps = args.mfu * args.peak_tflops * 1e12 / e.flops_per_token
+    scratch = e.wkv_scratch
     lines = [
         f"RWKV-4 {args.preset}: {mc.n_layer} layers x {mc.n_embd}, vocab {mc.vocab_size}, "
         f"{e.n_params / 1e9:.3f} B parameters (largest layer {e.largest_layer / 1e6:.1f} M)",
@@ -167,8 +176,10 @@ def report(args: argparse.Namespace) -> str:
         f"  = model states                    {_gib(e.model_states)}",
         f"  activations, no checkpointing     {_gib(e.activations)}",
         f"  activations, grad_cp              {_gib(e.activations_checkpointed)}",
-        f"  total (grad_cp)                   {_gib(e.model_states + e.activations_checkpointed)}",
-        f"  total (no checkpointing)          {_gib(e.model_states + e.activations)}",
+        f"  WKV backward scratch (transient)  {_gib(e.wkv_scratch)}"
+        + (f" (chunks of {mc.wkv_chunk_len})" if mc.wkv_chunk_len else " (model.wkv_chunk_len bounds it)"),
+        f"  total (grad_cp)                   {_gib(e.model_states + e.activations_checkpointed + scratch)}",
+        f"  total (no checkpointing)          {_gib(e.model_states + e.activations + scratch)}",
     ]
     if e.cpu_optimizer:
         lines.append(f"  CPU memory for the offloaded optimizer, per GPU {_gib(e.cpu_optimizer)}")
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload", action="store_true", help="optimizer CPU offload")
     ap.add_argument("--ctx-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--wkv-chunk-len", type=int, default=0, help="model.wkv_chunk_len (0: whole window)")
     ap.add_argument("--vocab-size", type=int, default=0, help="default: the preset's (50277)")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU (H100: 80)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU, bf16 dense (H100 SXM: 989)")
