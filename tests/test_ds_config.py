@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def filled(*sets: str, ds: dict | None = None) -> dict:
+def filled(*sets: str, ds: dict | None = None, world_size: int = 2) -> dict:
     cfg = load_run_config(TINY, ["data.manifests=[m.json]", *sets])
-    return fill_ds_config(ds or load_ds_config(REPO / "ds_config.json"), cfg, world_size=2)
+    return fill_ds_config(ds or load_ds_config(REPO / "ds_config.json"), cfg, world_size=world_size)
 
 
 def test_zero2_overlaps_communication_with_contiguous_buckets() -> None:
@@ -30,6 +30,14 @@ def test_zero2_overlaps_communication_with_contiguous_buckets() -> None:
     assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
     assert zero["reduce_scatter"] is True
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == BUCKET_FLOOR
+
+
+def test_one_process_does_not_overlap() -> None:
+    """Nothing to overlap alone, and DeepSpeed's overlap path syncs the device per bucket."""
+    assert filled("train.zero_stage=2", world_size=1)["zero_optimization"]["overlap_comm"] is False
+    explicit = load_ds_config(REPO / "ds_config.json")
+    explicit["zero_optimization"]["overlap_comm"] = True  # written in the file: kept
+    assert filled(ds=explicit, world_size=1)["zero_optimization"]["overlap_comm"] is True
 
 
 @pytest.mark.parametrize(
