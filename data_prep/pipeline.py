@@ -27,7 +27,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from .readers import (
     input_kind,
     input_stamp,
     is_saved_dataset,
-    iter_records,
+    iter_segment,
     parse_hf_name,
 )
 from .tokenizer import Tokenizer, load_tokenizer
@@ -224,7 +223,7 @@ def _chunks(records: Iterator[Any]) -> Iterator[tuple[list[Any], int]]:
 
 def _segment_records(segments: list[dict], text_key: str, txt_mode: str) -> Iterator[Any]:
     for seg in segments:
-        yield from islice(iter_records(seg["path"], text_key, txt_mode), seg["start"], seg["stop"])
+        yield from iter_segment(seg["path"], text_key, txt_mode, seg["start"], seg["stop"])
 
 
 class _Runner:

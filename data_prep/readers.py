@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +337,19 @@ def iter_records(
             yield from (TextBytes(p) for p in _lines(_plain_blocks(path, hasher)))
         else:
             raise ValueError(f"unknown txt mode {txt_mode!r} (one of {TXT_MODES})")
+
+
+def iter_segment(
+    path: str | os.PathLike, text_key: str, txt_mode: str, start: int, stop: int
+) -> Iterator[Any]:
+    """Records [start, stop) of one input, in order."""
+    if input_kind(path) in DATASET_KINDS:
+        ds, label = _dataset(path)
+        # Seek, not read up to `start`: a later shard of a big dataset would otherwise turn every row
+        # before it into Python objects only to drop them.
+        yield from islice(_dataset_rows(ds.skip(start), label, text_key), stop - start)
+    else:
+        yield from islice(iter_records(path, text_key, txt_mode), start, stop)
 
 
 class TextBytes(bytes):

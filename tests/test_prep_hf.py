@@ -33,7 +33,8 @@ def hf_home(tmp_path, monkeypatch) -> Path:
     """`datasets` caches under the test's own directory, never the user's ~/.cache."""
     home = tmp_path / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    for var in ("HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # online unless a test says
+        monkeypatch.delenv(var, raising=False)
     return home
 
 
@@ -141,6 +142,10 @@ def test_hf_name_offline_from_local_directory(tmp_path, hf_home):
     assert src == {**src, "type": "hf_hub", "name": str(d), "config": None, "split": "train",
                    "streaming": False, "rows": len(TEXTS)}
     assert any(hf_home.rglob("*.arrow")), "offline load_dataset should have prepared the split in the cache"
+    # Online (the default) the same name is streamed; a local directory needs no network.
+    m = prep([f"hf:{d}:train"], tmp_path / "stream", "--workers", 2, "--shards", 3)
+    assert m["inputs"][0]["source"]["streaming"] is True
+    assert all_tokens(tmp_path / "stream") == all_tokens(tmp_path / "ref")
     # A hub id that is not in the cache: one line naming the input, exit status 2.
     r = cli("--input", "hf:nobody/no-such-dataset:train", "--output-prefix", tmp_path / "x", env=offline)
     assert r.returncode == 2
