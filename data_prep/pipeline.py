@@ -272,7 +272,7 @@ class _Runner:
 
 
 def _fingerprint(s: PrepSettings, tok: Tokenizer, files: list[Path]) -> str:
-    stats = [(str(f.resolve()), input_stamp(f)) for f in files]
+    stats = [(str(f.resolve()), *input_stamp(f)) for f in files]
     key = {
         "tokenizer": tok.identity, "files": stats, "text_key": s.text_key, "append_eod": s.append_eod,
         "include": sorted(s.include_sets or []), "exclude": sorted(s.exclude_sets or []),
@@ -411,7 +411,7 @@ def _scan(runner: _Runner, files: list[Path], s: PrepSettings, state_dir: Path) 
     """Record counts and checksums of every input (cached in the state dir for resumed runs)."""
     cache_file = state_dir / "scan.json"
     cache = read_json(cache_file) if cache_file.is_file() else {}
-    keys = {str(f): f"{f.resolve()}|{input_stamp(f)}|{s.text_key}|{s.txt_mode}"
+    keys = {str(f): "|".join(map(str, (f.resolve(), *input_stamp(f), s.text_key, s.txt_mode)))
             for f in files}
     todo = [str(f) for f in files if keys[str(f)] not in cache]
     if todo:

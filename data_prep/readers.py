@@ -396,14 +396,18 @@ def _count_dataset(spec: str, text_key: str) -> dict:
             "source": {**dataset_source(ds, spec), "rows": records}}
 
 
-def input_stamp(path: str | os.PathLike) -> str:
-    """What changes when an input's content does, for the resume fingerprint and the scan cache."""
+def input_stamp(path: str | os.PathLike) -> tuple:
+    """What changes when an input's content does, for the resume fingerprint and the scan cache.
+
+    A file's is (size, mtime_ns), as before datasets were inputs, so a job started by an older
+    version still resumes.
+    """
     kind = input_kind(path)
     if kind == "hf_hub":
         # A hub split cannot be stat'ed; a run resumes only under the same name (see docs/data_prep.md).
-        return str(path)
+        return (str(path),)
     if kind == "hf_disk":
         files = sorted(f for f in Path(path).rglob("*") if f.is_file())
-        return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return tuple(f"{f.relative_to(path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     st = Path(path).stat()
-    return f"{st.st_size}|{st.st_mtime_ns}"
+    return (st.st_size, st.st_mtime_ns)
