@@ -18,20 +18,22 @@ subcommands:
 def prep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep",
-        description="Tokenize a corpus (.jsonl, .jsonl.zst, .parquet, .txt) into binidx token shards "
-        "and a manifest.",
+        description="Tokenize a corpus (.jsonl, .jsonl.zst, .parquet, .arrow, .txt, Hugging Face datasets) "
+        "into binidx token shards and a manifest.",
         epilog=USAGE_EXTRA,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="input files, globs or directories, in order")
+                   help="input files, globs or directories, in order; a Dataset.save_to_disk directory; "
+                   "or hf:NAME[:CONFIG]:SPLIT (a hub id or local dataset directory; streamed online, "
+                   "from the cache with HF_DATASETS_OFFLINE=1)")
     p.add_argument("--tokenizer", required=True,
                    help="HF tokenizer.json, sentencepiece .model, or 'rwkv-world'")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx (or PREFIX_00000...) "
                    "and PREFIX.manifest.json")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--shards", type=int, default=1, help="number of output shards (input order kept)")
-    p.add_argument("--text-key", default="text", help="JSON/parquet field holding the text")
+    p.add_argument("--text-key", default="text", help="JSON/parquet/dataset field holding the text")
     p.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
     p.add_argument("--eod-token", default=None, help="HF tokenizers: the end-of-document token's text")
     p.add_argument("--include-set", nargs="+", default=None, metavar="NAME",

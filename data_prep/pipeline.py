@@ -27,7 +27,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,18 @@ from . import documents
 from .binidx import BinIdxWriter, MMapIndexedDataset, best_dtype
 from .manifest import FORMAT, FORMAT_VERSION, manifest_path, read_json, write_json_atomic
 from .output_paths import check_writable_file
-from .readers import SUFFIXES, CorruptInputError, count_and_hash, input_kind, iter_records
+from .readers import (
+    DATASET_KINDS,
+    HF_PREFIX,
+    SUFFIXES,
+    CorruptInputError,
+    count_and_hash,
+    input_kind,
+    input_stamp,
+    is_saved_dataset,
+    iter_segment,
+    parse_hf_name,
+)
 from .tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_RECORDS = 512
@@ -69,10 +79,18 @@ class PrepSettings:
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Globs and directories to a de-duplicated, ordered file list (each pattern's matches sorted)."""
+    """Globs and directories to a de-duplicated, ordered file list (each pattern's matches sorted).
+
+    A saved dataset directory or an `hf:` name stays one input (a dataset is read as a whole).
+    """
     files: list[Path] = []
     for pat in patterns:
-        if os.path.isdir(pat):
+        if pat.startswith(HF_PREFIX):
+            parse_hf_name(pat)  # a malformed name fails here, before any work
+            matches = [pat]
+        elif is_saved_dataset(pat):
+            matches = [pat]
+        elif os.path.isdir(pat):
             matches = sorted(str(p) for p in Path(pat).rglob("*") if p.is_file()
                              and str(p).lower().endswith(SUFFIXES))
         elif glob.has_magic(pat):
@@ -83,7 +101,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             raise FileNotFoundError(f"{pat}: no input files match")
         for m in matches:
             p = Path(m)
-            if not p.is_file():
+            if not p.is_file() and input_kind(m) not in DATASET_KINDS:
                 raise FileNotFoundError(f"{p}: input file not found")
             input_kind(p)  # refuse unsupported types before any work
             if p.resolve() not in {f.resolve() for f in files}:
@@ -205,7 +223,7 @@ def _chunks(records: Iterator[Any]) -> Iterator[tuple[list[Any], int]]:
 
 def _segment_records(segments: list[dict], text_key: str, txt_mode: str) -> Iterator[Any]:
     for seg in segments:
-        yield from islice(iter_records(seg["path"], text_key, txt_mode), seg["start"], seg["stop"])
+        yield from iter_segment(seg["path"], text_key, txt_mode, seg["start"], seg["stop"])
 
 
 class _Runner:
@@ -254,7 +272,7 @@ class _Runner:
 
 
 def _fingerprint(s: PrepSettings, tok: Tokenizer, files: list[Path]) -> str:
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(str(f.resolve()), *input_stamp(f)) for f in files]
     key = {
         "tokenizer": tok.identity, "files": stats, "text_key": s.text_key, "append_eod": s.append_eod,
         "include": sorted(s.include_sets or []), "exclude": sorted(s.exclude_sets or []),
@@ -393,7 +411,7 @@ def _scan(runner: _Runner, files: list[Path], s: PrepSettings, state_dir: Path) 
     """Record counts and checksums of every input (cached in the state dir for resumed runs)."""
     cache_file = state_dir / "scan.json"
     cache = read_json(cache_file) if cache_file.is_file() else {}
-    keys = {str(f): f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}|{s.text_key}|{s.txt_mode}"
+    keys = {str(f): "|".join(map(str, (f.resolve(), *input_stamp(f), s.text_key, s.txt_mode)))
             for f in files}
     todo = [str(f) for f in files if keys[str(f)] not in cache]
     if todo:
@@ -554,7 +572,8 @@ def _manifest(s, tok, dtype, out_prefix, plan, scans, bad_files, results, finger
              "inputs": r["inputs"]}
             for r in results
         ],
-        "inputs": [{"path": x["path"], "bytes": x["bytes"], "sha256": x["sha256"], "records": x["records"]}
+        "inputs": [{"path": x["path"], "bytes": x["bytes"], "sha256": x["sha256"], "records": x["records"],
+                    **({"source": x["source"]} if "source" in x else {})}  # datasets: name, split, version
                    for x in scans],
         "pile_set_names": dict(sorted(sets.items())),
         "skipped": dict(sorted(skipped.items())),
