@@ -18,6 +18,10 @@ rank `r` holds samples `((s * grad_accum + m) * world + r) * micro_batch + b`.
 
 Validation: the last `val_documents` documents of the last shard are held out of training and
 read as consecutive non-overlapping windows.
+
+Weighted mixtures (`data.weights`, WeightedMixture): each manifest keeps its own windows and
+magic-prime order, and a fixed schedule over the global sample number picks the manifest of each
+sample; without weights every manifest is one pool, as above.
 """
 
 from __future__ import annotations
