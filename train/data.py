@@ -18,6 +18,10 @@ rank `r` holds samples `((s * grad_accum + m) * world + r) * micro_batch + b`.
 
 Validation: the last `val_documents` documents of the last shard are held out of training and
 read as consecutive non-overlapping windows.
+
+Weighted mixtures (`data.weights`, WeightedMixture): each manifest keeps its own windows and
+magic-prime order, and a fixed schedule over the global sample number picks the manifest of each
+sample; without weights every manifest is one pool, as above.
 """
 
 from __future__ import annotations
@@ -258,3 +262,165 @@ class TokenWindows:
             self._check_ids(rows, lambda i, w=window_ids: (last, offset + w[i] * ctx))
             out.append(torch.from_numpy(rows))
         return out
+
+
+# ---------------------------------------------------------------------------------- weighted mixtures
+MIX_BLOCK = 1 << 16  # global samples per schedule block: weights are kept to 1/65536
+
+
+def source_quotas(weights: list[float], block: int = MIX_BLOCK) -> np.ndarray:
+    """Samples of each source per block: the normalised weights times `block`, rounded by largest
+    remainder so that they sum to `block` exactly (ties to the earlier source)."""
+    w = np.asarray(weights, dtype=np.float64)
+    ideal = w / w.sum() * block
+    quotas = np.floor(ideal).astype(np.int64)
+    short = block - int(quotas.sum())
+    order = np.argsort(-(ideal - quotas), kind="stable")
+    quotas[order[:short]] += 1
+    return quotas
+
+
+def block_schedule(quotas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source, index among that source's samples in the block) of each position of one block.
+
+    Source i's n_i samples sit at their evenly spaced ideal places (j + 0.5) / n_i of the block,
+    merged in order (ties to the earlier source): over any prefix of the block each source is
+    within about one sample of its weight's share, so realised proportions track the weights at
+    every step, not only at block ends. A pure function of the weights: the global sample ->
+    source mapping does not depend on world size, batch split or resume point."""
+    index = [np.arange(n, dtype=np.int64) for n in quotas.tolist()]
+    # (2j + 1) / (2n) is correctly rounded, so equal places of two sources compare equal (tie ->
+    # lower source) and distinct ones (at least 1 / (4 n_a n_b) apart) stay distinct
+    place = np.concatenate([(2 * j + 1) / (2.0 * len(j)) for j in index])
+    src = np.concatenate([np.full(len(j), i, dtype=np.int64) for i, j in enumerate(index)])
+    idx = np.concatenate(index)
+    order = np.lexsort((src, place))
+    return src[order], idx[order]
+
+
+def source_names(manifest_paths: list[Path]) -> list[str]:
+    """`web` for web.manifest.json; a repeated name gets `#2`, `#3`... so metrics keys stay distinct."""
+    names: list[str] = []
+    for p in manifest_paths:
+        base = p.name.removesuffix(".json").removesuffix(".manifest") or p.stem
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}#{n}"
+        names.append(name)
+    return names
+
+
+class WeightedMixture:
+    """`data.weights`: one TokenWindows per manifest (a "source"), mixed by a fixed schedule.
+
+    Global sample g -> block b, position r = divmod(g, MIX_BLOCK); the block schedule gives its
+    source i and index among source i's samples of the block, so it is source i's sample number
+    k = b * quota_i + index, read in that source's own magic-prime order (every window of the
+    source once per source epoch). Stateless like TokenWindows: the position is the step, any
+    world size reads the same global batch, and counts per source up to any g are O(block) at
+    most. Validation: the last documents of the last manifest, as without weights."""
+
+    def __init__(self, manifest_paths: list[Path], weights: list[float], ctx_len: int,
+                 val_documents: int = 0, seed: int = 0):
+        if len(weights) != len(manifest_paths):
+            raise ConfigError(f"data.weights has {len(weights)} entries for {len(manifest_paths)} manifests; "
+                              "give one weight per manifest")
+        last = len(manifest_paths) - 1
+        self.sources = [TokenWindows([p], ctx_len, val_documents if i == last else 0, seed)
+                        for i, p in enumerate(manifest_paths)]
+        self._check_same_tokenizer(manifest_paths)
+        self.names = source_names(manifest_paths)
+        self.weights = [float(w) / float(sum(weights)) for w in weights]
+        self.quotas = source_quotas(weights)
+        for name, w, q in zip(self.names, self.weights, self.quotas.tolist(), strict=True):
+            if q == 0:
+                raise ConfigError(f"data.weights: {name}'s weight {w:.2e} (normalised) is below "
+                                  f"1/{MIX_BLOCK}, the schedule's resolution; raise it or leave the "
+                                  "manifest out")
+        self.block_source, self.block_index = block_schedule(self.quotas)
+        self.ctx_len = ctx_len
+        self.tokenizer = self.sources[0].tokenizer
+        self.vocab_size = self.sources[0].vocab_size
+        self.vocab_limit: int | None = None
+        self.n_chunks = sum(s.n_chunks for s in self.sources)
+        self.n_val_windows = self.sources[-1].n_val_windows
+
+    def _check_same_tokenizer(self, manifest_paths: list[Path]) -> None:
+        first = self.sources[0].tokenizer
+        for p, s in zip(manifest_paths[1:], self.sources[1:], strict=True):
+            if s.tokenizer.get("identity") != first.get("identity"):
+                raise ConfigError(
+                    f"data manifest {p}: tokenizer {s.tokenizer.get('spec')!r} (identity "
+                    f"{s.tokenizer.get('identity')}) differs from {manifest_paths[0]}'s "
+                    f"{first.get('spec')!r} (identity {first.get('identity')}); all manifests of a run must "
+                    "use the same tokenizer"
+                )
+
+    def limit_vocab(self, vocab_size: int) -> None:
+        for s in self.sources:
+            s.limit_vocab(vocab_size)
+        self.vocab_limit = vocab_size
+
+    # ------------------------------------------------------------------------------------ train
+    def source_of(self, g: int) -> tuple[int, int]:
+        """(source, that source's sample number) of global sample g."""
+        b, r = divmod(g, MIX_BLOCK)
+        i = int(self.block_source[r])
+        return i, b * int(self.quotas[i]) + int(self.block_index[r])
+
+    def samples_by_source(self, n: int) -> np.ndarray:
+        """How many of global samples 0..n-1 each source gave (cheap enough for every step)."""
+        b, r = divmod(n, MIX_BLOCK)
+        return b * self.quotas + np.bincount(self.block_source[:r], minlength=len(self.sources))
+
+    def tokens_by_source(self, n: int) -> dict[str, int]:
+        """Training tokens (ctx_len per sample, as the run's `tokens`) of global samples 0..n-1."""
+        counts = self.samples_by_source(n)
+        return {name: int(c) * self.ctx_len for name, c in zip(self.names, counts, strict=True)}
+
+    def sample(self, g: int) -> np.ndarray:
+        i, k = self.source_of(g)
+        return self.sources[i].sample(k)
+
+    def batch(
+        self, step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int
+    ) -> torch.Tensor:
+        """(micro_batch, ctx_len + 1) int64 tokens, the same sample numbering as TokenWindows.batch."""
+        base = ((step * grad_accum + micro) * world + rank) * micro_batch
+        picks = [self.source_of(base + b) for b in range(micro_batch)]
+        rows = np.stack([self.sources[i].sample(k) for i, k in picks])
+        limit = self.vocab_limit
+        if limit is not None and (rows.max() >= limit or rows.min() < 0):
+            for row, (i, k) in zip(rows, picks, strict=True):  # name the bad shard (its source's check)
+                src = self.sources[i]
+                chunk = src.chunk_of(k)
+                src._check_ids(row[None], lambda _, s=src, c=chunk: s.locate(c))
+        return torch.from_numpy(rows)
+
+    def micro_batches(
+        self, rank: int, world: int, micro_batch: int, grad_accum: int
+    ) -> Callable[[int], torch.Tensor]:
+        return lambda k: self.batch(k // grad_accum, k % grad_accum, rank, world, micro_batch, grad_accum)
+
+    def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
+        return self.sources[-1].val_batches(rank, world, micro_batch, max_batches)
+
+    def describe(self, run_samples: int) -> list[str]:
+        """One banner line per source: weight, size, and how often the run reads it."""
+        lines = []
+        counts = self.samples_by_source(run_samples)
+        for name, w, src, n in zip(self.names, self.weights, self.sources, counts, strict=True):
+            tokens = sum(sh.train_tokens for sh in src.shards)
+            epochs = int(n) / src.prime
+            lines.append(f"  {name}: weight {w:.3f}, {tokens:,} tokens ({src.n_chunks:,} windows), "
+                         f"{epochs:.2f} epochs over the run" + (" (repeats its data)" if epochs > 1 else ""))
+        return lines
+
+
+def open_windows(manifest_paths: list[Path], ctx_len: int, val_documents: int = 0, seed: int = 0,
+                 weights: list[float] | None = None) -> TokenWindows | WeightedMixture:
+    """No weights: every manifest in one pool of windows (the original behaviour, bit for bit)."""
+    if not weights:
+        return TokenWindows(manifest_paths, ctx_len, val_documents, seed)
+    return WeightedMixture(manifest_paths, weights, ctx_len, val_documents, seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class DataSection:
     manifests: list[str] = field(default_factory=list)  # data_prep manifest.json paths
     val_documents: int = 32  # held-out documents, taken from the end of the last shard
     seed: int = 0  # varies the window order between runs on the same data
+    # one per manifest, normalised: the share of training samples each manifest gives (GPT-NeoX's
+    # train_data_weights); empty -> all manifests in one pool of windows, as before weights existed
+    weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -300,6 +304,20 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{where}: data.manifests is empty; give at least one data_prep manifest.json")
     if cfg.data.val_documents < 0:
         raise ConfigError(f"{where}: data.val_documents must be >= 0")
+    _validate_weights(cfg.data, where)
+
+
+def _validate_weights(data: DataSection, where: str) -> None:
+    if not data.weights:
+        return
+    if len(data.weights) != len(data.manifests):
+        raise ConfigError(f"{where}: data.weights has {len(data.weights)} entries for {len(data.manifests)} "
+                          "data.manifests; give one weight per manifest (or none)")
+    for i, w in enumerate(data.weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"{where}: data.weights[{i}] must be a positive number, got {w!r} "
+                              "(leave a manifest out rather than weight it 0)")
+    data.weights = [float(w) for w in data.weights]
 
 
 def resolve_path(path: str, cfg: RunConfig) -> Path:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from train import checkpointing, distributed, ext_build, to_universal
 from train.config import ModelConfig
-from train.data import TokenWindows
+from train.data import TokenWindows, WeightedMixture, open_windows
 from train.ds_config import fill_ds_config, load_ds_config
 from train.loss import cross_entropy, lm_loss
 from train.metrics import MetricsWriter, mfu, peak_tflops, truncate_metrics
@@ -41,7 +41,7 @@ class Plan:
 
     cfg: RunConfig
     model_cfg: ModelConfig
-    data: TokenWindows
+    data: TokenWindows | WeightedMixture
     ds: dict[str, Any]
     world_size: int
 
@@ -89,7 +89,7 @@ def plan(cfg: RunConfig, world_size: int) -> Plan:
     """All checks that need neither processes nor a model instance."""
     resolve_batch(cfg, world_size)
     manifests = [resolve_path(m, cfg) for m in cfg.data.manifests]
-    data = TokenWindows(manifests, cfg.train.ctx_len, cfg.data.val_documents, cfg.data.seed)
+    data = open_windows(manifests, cfg.train.ctx_len, cfg.data.val_documents, cfg.data.seed, cfg.data.weights)
     model_cfg = resolve_model_config(cfg, data.vocab_size)
     data.limit_vocab(model_cfg.vocab_size)  # token ids past the embedding: refused, not an IndexError
     cfg.model.overrides = {
@@ -301,12 +301,27 @@ class Trainer:
                     + f", precision {t.precision}, optimizer {cfg.optim.name}",
                     f"tokens/step {tps:,} = micro {t.micro_batch_size} x grad_accum {t.grad_accum} x "
                     f"world {self.world} x ctx {t.ctx_len}; {t.steps} steps = {tps * t.steps:,} tokens",
-                    f"data: {p.data.n_chunks:,} windows (magic prime {p.data.prime}), "
-                    f"{p.data.n_val_windows} validation windows; run_dir {self.run_dir}",
+                    *self._data_banner(tps * t.steps // t.ctx_len),
                     "=" * 72,
                 ]
             )
         )
+
+    def _data_banner(self, run_samples: int) -> list[str]:
+        data = self.plan.data
+        if isinstance(data, WeightedMixture):
+            return [f"data: mixture of {len(data.sources)} manifests, {data.n_chunks:,} windows, "
+                    f"{data.n_val_windows} validation windows (last manifest); run_dir {self.run_dir}",
+                    *data.describe(run_samples)]
+        return [f"data: {data.n_chunks:,} windows (magic prime {data.prime}), "
+                f"{data.n_val_windows} validation windows; run_dir {self.run_dir}"]
+
+    def _by_source(self, p: Progress) -> dict[str, Any]:
+        """Cumulative training tokens per manifest, from the schedule (no counters to save)."""
+        data = self.plan.data
+        if not isinstance(data, WeightedMixture):
+            return {}
+        return {"tokens_by_source": data.tokens_by_source(p.tokens // self.cfg.train.ctx_len)}
 
     # ------------------------------------------------------------------------------- run setup
     def _setup_run(self) -> Progress:
@@ -400,7 +415,8 @@ class Trainer:
         t = self.cfg.train
         p.nan_skips += 1
         p.last_good = False
-        metrics.write({"step": p.step, "skipped_nonfinite": result.n_bad, "tokens": p.tokens})
+        metrics.write({"step": p.step, "skipped_nonfinite": result.n_bad, "tokens": p.tokens,
+                       **self._by_source(p)})
         self.log(f"WARNING: non-finite loss at step {p.step} (non-finite micro-batches over all ranks: "
                  f"{result.n_bad}); step skipped, weights and optimizer state unchanged (skip {p.nan_skips}; "
                  f"train.max_nan_skips = {t.max_nan_skips})")
@@ -422,6 +438,7 @@ class Trainer:
             "tokens_per_s": tps,
             "grad_norm": result.grad_norm,
             "mfu": mfu(tps, self.flops_per_token, self.world, self.peak),
+            **self._by_source(p),
         }
         if self.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
