@@ -129,3 +129,22 @@ def test_broken_variants_are_caught(tmp_path, texts, monkeypatch, broken):
         cache._normalize = lambda t: sc.WS + t.replace(" ", sc.WS)
     with pytest.raises(AssertionError, match="differ"):
         assert_same(cache, sp, random_texts(3000))
+
+
+def test_prep_output_is_sentencepieces_own(demo_corpus, texts, tmp_path):
+    """data_prep with a BPE model (so through the cache, 2 workers) writes sentencepiece's ids."""
+    from data_prep.binidx import MMapIndexedDataset
+    from data_prep.manifest import load_manifest
+    from data_prep.pipeline import PrepSettings, run_prep
+
+    model = train_sentencepiece(demo_corpus, str(tmp_path / "bpe"), vocab_size=2048, model_type="bpe",
+                                max_sentences=50_000)
+    assert load_tokenizer(model)._chunks is not None
+    run_prep(PrepSettings(inputs=demo_corpus, tokenizer=str(model), output_prefix=str(tmp_path / "out"),
+                          workers=2, shards=1, progress=False))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    got = []
+    for shard in load_manifest(str(tmp_path / "out.manifest.json"))["shards"]:
+        ds = MMapIndexedDataset(shard["prefix"])
+        got += [ds[i].tolist() for i in range(len(ds))]
+    assert got == [sp.encode(t) + [sp.eos_id()] for t in texts]
