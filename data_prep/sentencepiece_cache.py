@@ -84,7 +84,7 @@ class SentencePieceChunkCache:
     def __init__(self, sp: Any, chunk_sp: Any):
         self._normalize = sp.normalize
         self._chunk_sp = chunk_sp
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def for_processor(cls, sp: Any) -> SentencePieceChunkCache | None:
@@ -111,6 +111,7 @@ class SentencePieceChunkCache:
             # Emptied before, not while, adding: the document needs all of its chunks at once.
             self._cache.clear()
             new = chunks
-        # One C++ call for all of a document's new chunks.
-        for chunk, ids in zip(new, self._chunk_sp.encode(new), strict=True):
-            self._cache[chunk] = tuple(ids)
+        # One C++ call for all of a document's new chunks; one thread (sentencepiece's default for
+        # a list is a thread per core, which only adds overhead in a pipeline worker). The id
+        # lists are stored as they come and never handed out: `encode` copies them.
+        self._cache.update(zip(new, self._chunk_sp.encode(new, num_threads=1), strict=True))
