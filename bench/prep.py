@@ -7,6 +7,7 @@ document with the MMIDIDX builder. Both runs must write identical tokens.
 
     python bench/prep.py                      # HF byte-level BPE, 2 workers, demo corpus x4
     python bench/prep.py --tokenizer sp --repeat 8 --workers 2
+    python bench/prep.py --tokenizer sp sp-bpe --repeat 3   # sentencepiece unigram and BPE
 
 Also measures peak memory (resident memory of the main process, and of the largest worker) of our
 pipeline on the corpus x1 and x`--repeat`, to show that memory does not grow with input size.
@@ -202,11 +203,13 @@ def build_corpus(tmp: Path, repeat: int) -> tuple[list[str], dict]:
 def build_tokenizer(kind: str, tmp: Path) -> str:
     if kind == "world":
         return "rwkv-world"
-    if kind == "sp":
+    if kind in ("sp", "sp-bpe"):
         from data_prep.train_tokenizer import train_sentencepiece
 
-        return str(train_sentencepiece([str(p) for p in DEMO], str(tmp / "sp"), vocab_size=2048,
-                                       max_sentences=50_000))
+        # "sp" is unigram (sentencepiece's default); "sp-bpe" is the kind the chunk cache takes.
+        model_type = "bpe" if kind == "sp-bpe" else "unigram"
+        return str(train_sentencepiece([str(p) for p in DEMO], str(tmp / kind), vocab_size=2048,
+                                       model_type=model_type, max_sentences=50_000))
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     texts = [t for t in neox_yield_texts([str(p) for p in DEMO])]
@@ -233,7 +236,8 @@ def rates(res: dict, totals: dict, tokens: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", nargs="+", choices=("world", "hf", "sp"), default=["world", "hf", "sp"])
+    ap.add_argument("--tokenizer", nargs="+", choices=("world", "hf", "sp", "sp-bpe"),
+                    default=["world", "hf", "sp", "sp-bpe"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=6, help="copies of the demo corpus in the large input")
     ap.add_argument("--_job")

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from data_prep.bytelevel_bpe import ByteLevelPieceEncoder
+from data_prep.sentencepiece_cache import SentencePieceChunkCache
 
 WORLD_SPEC = "rwkv-world"
 # RWKV World models have 65536 embedding rows; the vocabulary file fills ids 1..65529.
@@ -124,11 +125,15 @@ class SentencePieceTokenizer(Tokenizer):
         if self.eod_id < 0:
             raise ValueError(f"{path}: sentencepiece model has no EOS piece to use as end-of-document")
         self.identity = _file_identity(self.kind, self.path)
+        # An exact chunk cache for BPE models (see sentencepiece_cache); None for the others.
+        self._chunks = SentencePieceChunkCache.for_processor(self._sp)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._chunks is not None:
+            return [self._chunks.encode(t) for t in texts]
         # One C++ call for the whole batch; threads stay at 1 since the pipeline runs one per process.
         return self._sp.encode(texts, num_threads=1)
 
