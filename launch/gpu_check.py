@@ -86,7 +86,6 @@ class Context:
     out: Path
     quick: bool
     env: dict[str, str]
-    figures: dict = field(default_factory=dict)
 
     @property
     def data(self) -> Path:
