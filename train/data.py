@@ -107,6 +107,19 @@ def _check_enough_documents(manifest_paths: list[Path], opened: list[tuple[Path,
         )
 
 
+def first_sample(step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int) -> int:
+    """Global number of the first sample of one micro-batch of one rank: the numbering every reader
+    shares, so a step reads the same samples at any world size / grad_accum split."""
+    return ((step * grad_accum + micro) * world + rank) * micro_batch
+
+
+def micro_batch_reader(
+    batch: Callable[..., torch.Tensor], rank: int, world: int, micro_batch: int, grad_accum: int
+) -> Callable[[int], torch.Tensor]:
+    """`batch` numbered by micro-batch k = step * grad_accum + micro: what train.prefetch reads ahead."""
+    return lambda k: batch(k // grad_accum, k % grad_accum, rank, world, micro_batch, grad_accum)
+
+
 class TokenWindows:
     """Deterministic `ctx_len + 1` windows over the shards of one or more manifests."""
 
@@ -234,7 +247,7 @@ class TokenWindows:
         self, step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int
     ) -> torch.Tensor:
         """(micro_batch, ctx_len + 1) int64 tokens for one micro-batch of one rank."""
-        base = ((step * grad_accum + micro) * world + rank) * micro_batch
+        base = first_sample(step, micro, rank, world, micro_batch, grad_accum)
         chunks = [self.chunk_of(base + b) for b in range(micro_batch)]
         rows = np.stack([self.window(c) for c in chunks])
         self._check_ids(rows, lambda i: self.locate(chunks[i]))
@@ -243,8 +256,7 @@ class TokenWindows:
     def micro_batches(
         self, rank: int, world: int, micro_batch: int, grad_accum: int
     ) -> Callable[[int], torch.Tensor]:
-        """`batch` numbered by micro-batch k = step * grad_accum + micro: what train.prefetch reads ahead."""
-        return lambda k: self.batch(k // grad_accum, k % grad_accum, rank, world, micro_batch, grad_accum)
+        return micro_batch_reader(self.batch, rank, world, micro_batch, grad_accum)
 
     # ------------------------------------------------------------------------------------ validation
     def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
@@ -387,7 +399,7 @@ class WeightedMixture:
         self, step: int, micro: int, rank: int, world: int, micro_batch: int, grad_accum: int
     ) -> torch.Tensor:
         """(micro_batch, ctx_len + 1) int64 tokens, the same sample numbering as TokenWindows.batch."""
-        base = ((step * grad_accum + micro) * world + rank) * micro_batch
+        base = first_sample(step, micro, rank, world, micro_batch, grad_accum)
         picks = [self.source_of(base + b) for b in range(micro_batch)]
         rows = np.stack([self.sources[i].sample(k) for i, k in picks])
         limit = self.vocab_limit
@@ -401,7 +413,7 @@ class WeightedMixture:
     def micro_batches(
         self, rank: int, world: int, micro_batch: int, grad_accum: int
     ) -> Callable[[int], torch.Tensor]:
-        return lambda k: self.batch(k // grad_accum, k % grad_accum, rank, world, micro_batch, grad_accum)
+        return micro_batch_reader(self.batch, rank, world, micro_batch, grad_accum)
 
     def val_batches(self, rank: int, world: int, micro_batch: int, max_batches: int) -> list[torch.Tensor]:
         return self.sources[-1].val_batches(rank, world, micro_batch, max_batches)
