@@ -22,27 +22,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import hf_model  # noqa: E402  (bench/model.py: transformers RWKV, idx -> logits)
+
 from train.config import ModelConfig  # noqa: E402
 from train.metrics import peak_tflops  # noqa: E402
 from train.model import RWKV  # noqa: E402
 
 VOCAB = 50277  # the presets' GPT-NeoX-20B vocabulary
-
-
-def hf_model(cfg: ModelConfig) -> torch.nn.Module:
-    from transformers import RwkvConfig, RwkvForCausalLM
-
-    hf_cfg = RwkvConfig(
-        vocab_size=cfg.vocab_size,
-        context_length=cfg.ctx_len,
-        hidden_size=cfg.n_embd,
-        num_hidden_layers=cfg.n_layer,
-        attention_hidden_size=cfg.dim_att,
-        intermediate_size=cfg.dim_ffn,
-        rescale_every=0,
-        use_cache=False,
-    )
-    return RwkvForCausalLM(hf_cfg)
 
 
 def time_steps(model: torch.nn.Module, logits_of, batch: torch.Tensor, iters: int, budget_s: float) -> dict:
@@ -91,7 +77,7 @@ def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: 
     if hf:
         try:
             model = hf_model(cfg).to("cuda", torch.bfloat16)
-            res = time_steps(model, lambda m, x: m(input_ids=x).logits, batch, iters, budget_s)
+            res = time_steps(model, lambda m, x: m(x), batch, iters, budget_s)
             row["hf_tokens_per_s"] = tok / res["seconds"]
             row["ratio"] = row.get("ours_tokens_per_s", 0.0) / row["hf_tokens_per_s"]
             if "note" in res:
