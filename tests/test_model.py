@@ -57,7 +57,7 @@ def to_hf_key(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", [name for name, p in PRESETS.items() if p.get("arch", "rwkv4") == "rwkv4"])
 def test_preset_builds_on_meta_with_the_formula_parameter_count(preset):
     from transformers import RwkvForCausalLM
 

@@ -1,4 +1,4 @@
-"""Model configuration for RWKV-4: one dataclass, named size presets, parameter and FLOP counts."""
+"""Model configuration: one dataclass for every architecture, size presets, parameter and FLOP counts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WKV_BACKENDS = ("auto", "cuda", "cpu", "reference")
+ARCHS = ("rwkv4", "rwkv7")
 
 # Size presets. The named sizes follow the RWKV-4 Pile models (BlinkDL/rwkv-4-pile-*):
 # layers x width, vocabulary of the GPT-NeoX 20B tokenizer (50277), ctx 1024.
@@ -20,27 +21,60 @@ PRESETS: dict[str, dict[str, Any]] = {
     "7b": {"n_layer": 32, "n_embd": 4096, "ctx_len": 1024},
     "14b": {"n_layer": 40, "n_embd": 5120, "ctx_len": 1024},
 }
+# RWKV-7 (x070) sizes as the released Goose models: World tokenizer (65536), ctx 4096, head size 64;
+# LoRA widths follow from n_embd (see ModelConfig.__post_init__).
+_RWKV7 = {"arch": "rwkv7", "vocab_size": 65536, "ctx_len": 4096}
+PRESETS.update(
+    {
+        "rwkv7-tiny": {**_RWKV7, "n_layer": 4, "n_embd": 128, "ctx_len": 256},
+        "rwkv7-0.1b": {**_RWKV7, "n_layer": 12, "n_embd": 768},
+        "rwkv7-0.4b": {**_RWKV7, "n_layer": 24, "n_embd": 1024},
+        "rwkv7-1.5b": {**_RWKV7, "n_layer": 24, "n_embd": 2048},
+        "rwkv7-2.9b": {**_RWKV7, "n_layer": 32, "n_embd": 2560},
+        "rwkv7-7.2b": {**_RWKV7, "n_layer": 32, "n_embd": 4096},
+        "rwkv7-13.3b": {**_RWKV7, "n_layer": 61, "n_embd": 4096},
+    }
+)
 
 # Fields that are settings of a run, not shapes of the weights: a resume may change them.
 RUNTIME_FIELDS = ("preset", "grad_cp", "wkv_backend", "wkv_chunk_len", "ctx_len")
 
-# WKV cost per (token, channel): the forward recurrence (two exps, a max, four multiply-adds,
-# a division; see cuda/ header) counted as ~10 FLOPs, its backward as twice that.
-WKV_FLOPS_FWD_PER_CHANNEL = 10
-WKV_FLOPS_FWD_BWD_PER_CHANNEL = 3 * WKV_FLOPS_FWD_PER_CHANNEL
+
+
+# RWKV-7 LoRA widths of the released x070 checkpoints: factor * n_embd ** power, rounded to a
+# multiple of 32, at least 32 (w, a: 1.8 sqrt(C); v: 1.3 sqrt(C); g: 0.6 C^0.8).
+_RWKV7_LORA = (
+    ("dim_w_lora", 1.8, 0.5), ("dim_a_lora", 1.8, 0.5), ("dim_v_lora", 1.3, 0.5), ("dim_g_lora", 0.6, 0.8)
+)
+
+
+def rwkv7_lora_width(n_embd: int, factor: float, power: float) -> int:
+    """factor * n_embd ** power rounded to the nearest multiple of 32, at least 32."""
+    return max(32, int(round(factor * n_embd**power / 32)) * 32)
 
 
 @dataclass
 class ModelConfig:
-    """Sizes of an RWKV-4 model. `dim_att`/`dim_ffn` default to n_embd / 4*n_embd as in RWKV-LM v4neo."""
+    """Sizes of an RWKV model. `dim_att`/`dim_ffn` default to n_embd / 4*n_embd as in RWKV-LM.
+
+    `arch` picks the generation (rwkv4, rwkv7); `head_size` and the `dim_*_lora` widths are RWKV-7's
+    (0: the width the released x070 checkpoints use for this n_embd, see `rwkv7_lora_width`; they stay
+    0 for RWKV-4).
+    """
 
     n_layer: int
     n_embd: int
+    arch: str = "rwkv4"
     vocab_size: int = 50277
     ctx_len: int = 1024  # context length the model is trained at (recorded; HF context_length, scoring)
     dim_att: int = 0  # 0 -> n_embd
     dim_ffn: int = 0  # 0 -> 4 * n_embd
     layer_norm_eps: float = 1e-5
+    head_size: int = 64
+    dim_w_lora: int = 0  # decay
+    dim_a_lora: int = 0  # in-context learning rate
+    dim_v_lora: int = 0  # value residual
+    dim_g_lora: int = 0  # output gate
     grad_cp: bool = False  # gradient checkpointing per block
     wkv_backend: str = "auto"  # auto | cuda | cpu | reference
     # WKV kernel calls of at most this many steps, the state carried between them (0: one call per
@@ -50,11 +84,19 @@ class ModelConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        for lora, factor, power in _RWKV7_LORA if self.arch == "rwkv7" else ():
+            if getattr(self, lora) == 0:
+                setattr(self, lora, rwkv7_lora_width(self.n_embd, factor, power))
         if self.dim_att == 0:
             self.dim_att = self.n_embd
         if self.dim_ffn == 0:
             self.dim_ffn = 4 * self.n_embd
-        for name in ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn"):
+        positive = ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn", "head_size")
+        if self.arch == "rwkv7":
+            positive += tuple(lora for lora, _, _ in _RWKV7_LORA)
+        for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -65,9 +107,13 @@ class ModelConfig:
                 f"got {self.wkv_chunk_len!r}"
             )
         if self.dim_att != self.n_embd:
-            # RWKV-4's time_mix and residual stream assume dim_att == n_embd (as RWKV-LM's v4 does).
+            # The time_mix vectors and residual stream assume dim_att == n_embd (as RWKV-LM does).
             raise ValueError(
-                f"ModelConfig.dim_att ({self.dim_att}) must equal n_embd ({self.n_embd}) for RWKV-4"
+                f"ModelConfig.dim_att ({self.dim_att}) must equal n_embd ({self.n_embd})"
+            )
+        if self.arch == "rwkv7" and self.dim_att % self.head_size:
+            raise ValueError(
+                f"ModelConfig.dim_att ({self.dim_att}) must be a multiple of head_size ({self.head_size})"
             )
         if self.wkv_backend not in WKV_BACKENDS:
             raise ValueError(
@@ -112,27 +158,24 @@ class ModelConfig:
         return cls(**d)
 
     def n_params(self) -> int:
-        """Parameter count: 2VD + 13D^2 L + D(11L + 4) for dim_att = D, dim_ffn = 4D.
-
-        Per layer: 4 D x D in time mixing, D x 4D + 4D x D + D x D in channel mixing (13 D^2);
-        ln1, ln2 (4D), time_decay, time_first, 3 time_mix (5D), 2 channel time_mix (2D) = 11D.
-        Once: ln0 and ln_out (4D), embedding and untied head (2VD).
-        """
-        D, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.dim_ffn
-        per_layer = 4 * D * D + 2 * D * F + D * D + 11 * D
-        return 2 * V * D + L * per_layer + 4 * D
+        """Parameter count of the model (the architecture's formula; see train/models/)."""
+        return self._architecture().n_params(self)
 
     def matmul_params(self) -> int:
         """Parameters used in a matrix multiply per token (all but the embedding lookup and vectors)."""
-        D, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.dim_ffn
-        return L * (5 * D * D + 2 * D * F) + V * D
+        return self._architecture().matmul_params(self)
 
     def flops_per_token(self, ctx_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward).
 
-        6 * matmul_params (2 per multiply-add forward, 4 backward) plus the WKV recurrence,
-        WKV_FLOPS_FWD_BWD_PER_CHANNEL * dim_att * n_layer. RWKV is linear in sequence length, so,
-        unlike attention, the per-token cost does not depend on ctx_len (kept for a uniform API).
+        6 * matmul_params (2 per multiply-add forward, 4 backward) plus the WKV recurrence's own count.
+        RWKV is linear in sequence length, so, unlike attention, the per-token cost does not depend on
+        ctx_len (kept for a uniform API).
         """
         del ctx_len
-        return 6.0 * self.matmul_params() + WKV_FLOPS_FWD_BWD_PER_CHANNEL * self.dim_att * self.n_layer
+        return 6.0 * self.matmul_params() + self._architecture().wkv_flops_per_token(self)
+
+    def _architecture(self):
+        from train.models import architecture  # the model modules import this one
+
+        return architecture(self.arch)

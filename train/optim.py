@@ -1,11 +1,10 @@
-"""Parameter groups and optimizer as RWKV-LM v4neo trains RWKV-4.
+"""Parameter groups and optimizer as RWKV-LM trains each generation.
 
-RWKV-LM (`RWKV-v4neo/src/model.py`, `RWKV.configure_optimizers`) with `layerwise_lr > 0` and
-`my_pile_stage != 2` puts `time_decay` in a 2x learning-rate group and `time_first` in a 3x group
-(`time_mix_*` stay at 1x); with `weight_decay > 0` the remaining parameters whose squeezed shape has
-two or more dimensions (the matrices) get weight decay, everything else none. Its trainer then sets
-each group's lr to `lr * my_lr_scale` at every step (`src/trainer.py`); `apply_lr` does the same.
-Adam: betas (0.9, 0.99), eps 1e-8; DeepSpeed's FusedAdam (GPU) or DeepSpeedCPUAdam (offload).
+RWKV-LM's `configure_optimizers` sorts parameters into learning-rate groups (1x, 2x, 3x) and a
+weight-decay group; which parameter goes where is the architecture's rule (`lr_scale`, `decays` in
+train/models/). Its trainer then sets each group's lr to `lr * my_lr_scale` at every step
+(`src/trainer.py`); `apply_lr` does the same. Adam: DeepSpeed's FusedAdam (GPU) or DeepSpeedCPUAdam
+(offload).
 """
 
 from __future__ import annotations
@@ -15,20 +14,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.models import architecture
+
 LR_SCALE_KEY = "my_lr_scale"  # the key RWKV-LM uses; DeepSpeed keeps extra param-group keys
 
 
 def param_groups(model: nn.Module, weight_decay: float, layerwise_lr: bool) -> list[dict[str, Any]]:
-    """Named groups: lr_1x, lr_2x (time_decay), lr_3x (time_first), decay (matrices, when enabled)."""
+    """Named groups: lr_1x, lr_2x, lr_3x, decay (when weight_decay > 0), as the model's architecture
+    places each parameter (its module's ``lr_scale`` and ``decays``; see train/models/)."""
+    arch = architecture(model.cfg.arch)
     names: dict[str, list[str]] = {"lr_1x": [], "lr_2x": [], "lr_3x": [], "decay": []}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if layerwise_lr and "time_decay" in n:
-            names["lr_2x"].append(n)
-        elif layerwise_lr and "time_first" in n:
-            names["lr_3x"].append(n)
-        elif weight_decay > 0 and _matrix_dims(p) >= 2:
+        scale = arch.lr_scale(n, layerwise_lr)
+        if scale != 1.0:
+            names[f"lr_{scale:g}x"].append(n)
+        elif weight_decay > 0 and arch.decays(n, _matrix_dims(p)):
             names["decay"].append(n)
         else:
             names["lr_1x"].append(n)
