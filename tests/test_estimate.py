@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from train.config import ModelConfig
-from train.estimate import ACT_VALUES_PER_LAYER, deepspeed_model_states, estimate
+from train.estimate import deepspeed_model_states, estimate
+from train.models import architecture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,15 +34,16 @@ def test_zero_stages_shrink_model_states():
     assert per_stage[0] == 20 * mc.n_params()  # no ZeRO: 2 + 2 + 16 bytes per parameter on every GPU
 
 
-def test_activation_estimate_against_saved_tensors():
+@pytest.mark.parametrize("preset", ["tiny"])
+def test_activation_estimate_against_saved_tensors(preset):
     """Bytes autograd keeps per layer and token (bf16), measured with saved-tensor hooks, are within
-    the estimate's tolerance of ACT_VALUES_PER_LAYER * n_embd values."""
+    the estimate's tolerance of the architecture's activation_values_per_layer."""
     from train.model import RWKV
 
     D, T, B = 64, 32, 2
     measured = []
     for n_layer in (1, 3):
-        mc = ModelConfig.from_preset("tiny", n_layer=n_layer, n_embd=D, vocab_size=128, ctx_len=T)
+        mc = ModelConfig.from_preset(preset, n_layer=n_layer, n_embd=D, vocab_size=128, ctx_len=T)
         model = RWKV(mc).to(torch.bfloat16)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
@@ -56,7 +58,7 @@ def test_activation_estimate_against_saved_tensors():
             model(torch.randint(0, 128, (B, T)))
         measured.append(sum(seen.values()))
     per_layer_token = (measured[1] - measured[0]) / 2 / (B * T)
-    estimated = ACT_VALUES_PER_LAYER * D * 2
+    estimated = architecture(mc.arch).activation_values_per_layer(mc) * 2
     assert 0.6 * estimated <= per_layer_token <= 1.4 * estimated, (per_layer_token, estimated)
 
 

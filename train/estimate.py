@@ -1,4 +1,4 @@
-"""Per-GPU memory and throughput of an RWKV-4 training run, on paper.
+"""Per-GPU memory and throughput of an RWKV training run, on paper.
 
 `python -m train.estimate --preset 14b --nodes 8 --gpus-per-node 8 --zero 2 --ctx-len 4096 --micro-batch 1`
 
@@ -11,12 +11,11 @@ moves the optimizer part (and, at stage 2, the gradient partitions) to CPU memor
 checked against DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs`,
 `estimate_zero3_model_states_mem_needs`), which use the same accounting.
 
-Activations (16-bit), per token: without checkpointing each layer keeps about 30 * n_embd values
-(time mixing: LayerNorm in/out, three token-shift mixes, k, v, r, sigmoid(r), wkv, its product;
-channel mixing: LayerNorm in/out, two mixes, r, sigmoid(r), output, and three 4 * n_embd tensors
-around relu^2), plus the logits (16-bit) and their fp32 softmax: 6 * vocab bytes. With gradient
-checkpointing per block only the block inputs stay (n_embd values per layer), and one block is
-recomputed at a time. Framework buffers, fragmentation and communication buckets come on top.
+Activations (16-bit), per token: without checkpointing each layer keeps what its architecture
+counts (`activation_values_per_layer` in train/models/: e.g. about 30 * n_embd values for RWKV-4),
+plus the logits (16-bit) and their fp32 softmax: 6 * vocab bytes. With gradient checkpointing per
+block only the block inputs stay (n_embd values per layer), and one block is recomputed at a time.
+Framework buffers, fragmentation and communication buckets come on top.
 
 Model construction, per rank, before the engine exists: without zero.Init every rank builds the
 whole model in fp32 (4 bytes per parameter; on the GPU, as the trainer does). At ZeRO-3 the
@@ -43,10 +42,10 @@ import sys
 from dataclasses import dataclass
 
 from train.config import ModelConfig
+from train.models import architecture
 
 BYTES_16 = 2
 OPTIMIZER_BYTES = 16  # fp32 master 4 + fp32 grad 4 + Adam m 4 + v 4
-ACT_VALUES_PER_LAYER = 30  # x n_embd, see the module docstring
 LOGIT_BYTES = 6  # 16-bit logits + fp32 softmax, x vocab
 
 
@@ -75,9 +74,8 @@ def largest_layer_params(mc: ModelConfig) -> int:
 
 
 def wkv_scratch_bytes(mc: ModelConfig, ctx_len: int, micro_batch: int) -> int:
-    """The CUDA WKV backward's scratch: one (2, B, T, C) fp32 tensor per call, T = chunk (wkv_op.cpp)."""
-    steps = min(mc.wkv_chunk_len or ctx_len, ctx_len)
-    return 2 * 4 * micro_batch * steps * mc.dim_att
+    """Transient memory of the WKV kernel's backward, one layer at a time (the architecture's count)."""
+    return architecture(mc.arch).wkv_scratch_bytes(mc, ctx_len, micro_batch)
 
 
 def estimate(
@@ -106,7 +104,7 @@ def estimate(
             grads = BYTES_16 * big
     tokens = ctx_len * micro_batch
     D, L, V = mc.n_embd, mc.n_layer, mc.vocab_size
-    layer_act = ACT_VALUES_PER_LAYER * D * BYTES_16
+    layer_act = architecture(mc.arch).activation_values_per_layer(mc) * BYTES_16
     activations = tokens * (L * layer_act + LOGIT_BYTES * V)
     checkpointed = tokens * (L * D * BYTES_16 + layer_act + LOGIT_BYTES * V)
     scratch = wkv_scratch_bytes(mc, ctx_len, micro_batch)

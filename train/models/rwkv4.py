@@ -341,6 +341,22 @@ def wkv_flops_per_token(cfg: ModelConfig) -> float:
     return WKV_FLOPS_FWD_BWD_PER_CHANNEL * cfg.dim_att * cfg.n_layer
 
 
+def activation_values_per_layer(cfg: ModelConfig) -> int:
+    """16-bit values a layer keeps per token for the backward, without checkpointing: about 30 n_embd.
+
+    Time mixing: LayerNorm in/out, three token-shift mixes, k, v, r, sigmoid(r), wkv, its product;
+    channel mixing: LayerNorm in/out, two mixes, r, sigmoid(r), output, and three 4 n_embd tensors
+    around relu^2.
+    """
+    return 30 * cfg.n_embd
+
+
+def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:
+    """The CUDA WKV backward's scratch: one (2, B, T, C) fp32 tensor per call, T = chunk (wkv_op.cpp)."""
+    steps = min(cfg.wkv_chunk_len or ctx_len, ctx_len)
+    return 2 * 4 * micro_batch * steps * cfg.dim_att
+
+
 def lr_scale(name: str, layerwise_lr: bool) -> float:
     """RWKV-LM v4neo (layerwise_lr > 0, my_pile_stage != 2): time_decay 2x, time_first 3x, the rest 1x."""
     if layerwise_lr and "time_decay" in name:
