@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from train.checkpoint_marker import MARKER, check_tag
+from train.models import arch_of_state_dict, architecture
 
 # Written by our trainer into a tag once every rank has finished saving it.
 COMPLETION_MARKER = MARKER
@@ -140,7 +141,7 @@ def strip_wrapper_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_rwkv_layout(tensors: Mapping[str, Any], origin: str) -> None:
-    """Refuse anything that is not an RWKV-4 state dict in our key layout."""
+    """Refuse anything that is not an RWKV state dict in our (RWKV-LM's) key layout."""
     required = [
         "emb.weight",
         "blocks.0.ln0.weight",
@@ -158,17 +159,8 @@ def check_rwkv_layout(tensors: Mapping[str, Any], origin: str) -> None:
 
 
 def infer_model_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """Recover the architecture from tensor shapes when no config was recorded."""
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-    vocab_size, n_embd = shapes["emb.weight"]
-    cfg = {"n_layer": max(layers) + 1, "n_embd": n_embd, "vocab_size": vocab_size}
-    ffn_key = "blocks.0.ffn.key.weight"
-    if ffn_key in shapes:
-        cfg["dim_ffn"] = shapes[ffn_key][0]
-    att_key = "blocks.0.att.key.weight"
-    if att_key in shapes:
-        cfg["dim_att"] = shapes[att_key][0]
-    return cfg
+    """Recover the architecture and its sizes from tensor shapes when no config was recorded."""
+    return architecture(arch_of_state_dict(shapes)).config_from_shapes(shapes)
 
 
 def find_model_section(run_config: Mapping[str, Any] | None) -> dict[str, Any] | None:

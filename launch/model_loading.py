@@ -19,6 +19,8 @@ from launch.hf_format import from_hf_key
 from train.config import ModelConfig
 from train.model import RWKV
 
+ARCH_NAMES = {"rwkv4": "RWKV-4", "rwkv7": "RWKV-7"}
+
 # Written next to converted weights: the model config and the tokenizer they were trained with.
 SIDECAR_NAME_HF = "rwkv_pretrain.json"
 
@@ -38,8 +40,8 @@ def model_config_from(loaded: dict[str, Any], overrides: dict[str, Any] | None =
     values.update(overrides or {})
     try:
         return ModelConfig.from_dict(values)
-    except (ValueError, TypeError) as e:  # e.g. tensor shapes no RWKV-4 can have (dim_att != n_embd)
-        raise CheckpointError(f"not a usable RWKV-4 model config: {e}") from None
+    except (ValueError, TypeError) as e:  # e.g. tensor shapes no RWKV can have (dim_att != n_embd)
+        raise CheckpointError(f"not a usable RWKV model config: {e}") from None
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -65,8 +67,8 @@ def check_tensors_match(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig,
                 (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)) if items]
     if problems:
         raise CheckpointError(
-            f"{origin}: weights do not match RWKV-4 {cfg.n_layer} layers x {cfg.n_embd}, vocab "
-            f"{cfg.vocab_size} ({len(expected)} tensors): " + "; ".join(problems)
+            f"{origin}: weights do not match {ARCH_NAMES[cfg.arch]} {cfg.n_layer} layers x {cfg.n_embd}, "
+            f"vocab {cfg.vocab_size} ({len(expected)} tensors): " + "; ".join(problems)
         )
 
 

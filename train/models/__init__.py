@@ -9,6 +9,8 @@ from types import ModuleType
 
 # arch name (ModelConfig.arch) -> the module that defines it
 ARCH_MODULES = {"rwkv4": "train.models.rwkv4", "rwkv7": "train.models.rwkv7"}
+# A tensor name only that generation's state dicts have (RWKV-LM's names); RWKV-4 is the default.
+SIGNATURE_KEYS = {"rwkv7": "blocks.0.att.w0"}
 
 
 def architecture(arch: str) -> ModuleType:
@@ -16,8 +18,17 @@ def architecture(arch: str) -> ModuleType:
 
     - ``Model``: the nn.Module (a subclass of ``train.model.RWKV``);
     - ``n_params(cfg)``, ``matmul_params(cfg)``, ``wkv_flops_per_token(cfg)``: counts for estimates and MFU;
-    - ``param_group_of(name, p, weight_decay, layerwise_lr)``: the optimizer group of a parameter.
+    - ``lr_scale(name, layerwise_lr)``, ``decays(name, matrix_dims)``: its optimizer groups;
+    - ``activation_values_per_layer(cfg)``, ``wkv_scratch_bytes(cfg, ctx_len, micro_batch)``: memory;
+    - ``config_from_shapes(shapes)``: ModelConfig fields read back from a state dict's tensor shapes.
     """
     if arch not in ARCH_MODULES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_MODULES)}")
     return importlib.import_module(ARCH_MODULES[arch])
+
+
+def arch_of_state_dict(names) -> str:
+    """The architecture whose weights these tensor names are (RWKV-4 when none claims them: the
+    layout older checkpoints have)."""
+    names = set(names)
+    return next((arch for arch, key in SIGNATURE_KEYS.items() if key in names), "rwkv4")

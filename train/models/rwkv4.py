@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -311,6 +313,18 @@ def _gathered(p: nn.Parameter) -> Iterator[bool]:
 
 
 # ------------------------------------------------------------------------------- what the pipeline asks
+def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """ModelConfig fields recovered from a state dict's tensor shapes (when no config was recorded)."""
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    vocab_size, n_embd = shapes["emb.weight"]
+    cfg: dict[str, Any] = {"arch": "rwkv4", "n_layer": max(layers) + 1, "n_embd": n_embd,
+                           "vocab_size": vocab_size}
+    if "blocks.0.ffn.key.weight" in shapes:
+        cfg["dim_ffn"] = shapes["blocks.0.ffn.key.weight"][0]
+    if "blocks.0.att.key.weight" in shapes:
+        cfg["dim_att"] = shapes["blocks.0.att.key.weight"][0]
+    return cfg
+
 
 # WKV cost per (token, channel): the forward recurrence (two exps, a max, four multiply-adds,
 # a division; see cuda/ header) counted as ~10 FLOPs, its backward as twice that.
