@@ -1,11 +1,13 @@
-"""Training throughput on one GPU: our RWKV-4 (CUDA WKV kernel) next to transformers' RwkvForCausalLM.
+"""Training throughput on one GPU: our models (CUDA WKV kernels) next to transformers' RwkvForCausalLM.
 
-    python bench/gpu_throughput.py [--presets 169m,430m,1b5] [--ctx 1024,4096] [--tokens 16384] [--json OUT]
+    python bench/gpu_throughput.py [--presets 169m,430m,1b5,rwkv7-0.1b] [--ctx 1024,4096] [--tokens 16384]
+                                   [--json OUT]
 
 For each preset and context length, one training step as the trainer runs it on a GPU: bf16 weights,
 forward, cross-entropy, backward, fused AdamW; micro-batch = tokens / ctx. Prints tokens/s, MFU
 (ModelConfig.flops_per_token over the device's dense bf16 peak) and peak memory, and the same step of
-`transformers.RwkvForCausalLM` (same sizes, same data) where it fits in time and memory, with the ratio.
+`transformers.RwkvForCausalLM` (same sizes, same data; RWKV-4 presets) where it fits in time and memory,
+with the ratio.
 Both run in this one process, one after the other, so they see the same GPU.
 """
 
@@ -27,8 +29,6 @@ from model import hf_model  # noqa: E402  (bench/model.py: transformers RWKV, id
 from train.config import ModelConfig  # noqa: E402
 from train.metrics import peak_tflops  # noqa: E402
 from train.model import RWKV  # noqa: E402
-
-VOCAB = 50277  # the presets' GPT-NeoX-20B vocabulary
 
 
 def time_steps(model: torch.nn.Module, logits_of, batch: torch.Tensor, iters: int, budget_s: float) -> dict:
@@ -57,13 +57,14 @@ def time_steps(model: torch.nn.Module, logits_of, batch: torch.Tensor, iters: in
 
 
 def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: float) -> dict:
-    cfg = ModelConfig.from_preset(preset, vocab_size=VOCAB, ctx_len=ctx, wkv_backend="cuda")
+    cfg = ModelConfig.from_preset(preset, ctx_len=ctx, wkv_backend="cuda")  # the preset's vocabulary
     micro = max(1, tokens // ctx)
     g = torch.Generator(device="cuda").manual_seed(0)
-    batch = torch.randint(0, VOCAB, (micro, ctx + 1), device="cuda", generator=g)
+    batch = torch.randint(0, cfg.vocab_size, (micro, ctx + 1), device="cuda", generator=g)
     tok = micro * ctx
     peak = peak_tflops(0, torch.device("cuda"), "bf16")
-    row: dict = {"preset": preset, "ctx": ctx, "micro_batch": micro, "params": cfg.n_params()}
+    row: dict = {"preset": preset, "arch": cfg.arch, "ctx": ctx, "micro_batch": micro}
+    row["params"] = cfg.n_params()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = RWKV(cfg).to(torch.bfloat16)
@@ -74,7 +75,7 @@ def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: 
         row["ours_tokens_per_s"] = tok / res["seconds"]
         row["ours_mfu"] = row["ours_tokens_per_s"] * cfg.flops_per_token() / (peak * 1e12) if peak else None
     row["ours_peak_gib"] = res["peak_gib"]
-    if hf:
+    if hf and cfg.arch == "rwkv4":  # transformers' RwkvForCausalLM is RWKV-4
         try:
             model = hf_model(cfg).to("cuda", torch.bfloat16)
             res = time_steps(model, lambda m, x: m(x), batch, iters, budget_s)

@@ -6,15 +6,18 @@ Runs, in order, each as a real command with its log under --out:
 
 1. packages: what this pipeline imports that a bare CUDA + torch image may lack (deepspeed and its
    pure-Python dependencies), with how to install them from wheels;
-2. kernel: the CUDA WKV kernel against the fp64 reference (tests/test_wkv_cuda.py: fp32, bf16, fp16,
-   forward and backward, T = 4096, chunked, no device memory outside PyTorch);
+2. kernel: the CUDA WKV kernels against their fp64 references (tests/test_wkv_cuda.py: fp32, bf16, fp16,
+   forward and backward, T = 4096, chunked, no device memory outside PyTorch; tests/test_wkv7_cuda.py:
+   WKV-7 values, gradients and state gradients);
 3. train-tiny: `torchrun --nproc_per_node 1` over NCCL, the tiny preset, bf16, FusedAdam, the CUDA
    kernel, SIGKILL after the first checkpoint and a resume;
 4. convert: the checkpoint to the `rwkv` .pth and a `transformers` directory, each with --verify;
 5. generate: sampling and scoring on the GPU (bf16, the CUDA kernel);
 6. train-169m: the 169m preset for a few dozen steps under torchrun (loss falls, tokens/s, MFU);
-7. throughput: bench/gpu_throughput.py, training tokens/s, MFU and peak memory for 169m, 430m and 1b5 at
-   ctx 1024 and 4096, next to transformers' RwkvForCausalLM where it fits.
+7. train-rwkv7: the same for rwkv7-0.1b;
+8. throughput: bench/gpu_throughput.py, training tokens/s, MFU and peak memory for 169m, 430m and 1b5 at
+   ctx 1024 and 4096, next to transformers' RwkvForCausalLM where it fits;
+9. throughput-rwkv7: the same for rwkv7-0.1b and rwkv7-1.5b at ctx 4096.
 
 Prints a table and, last, `gpu-check: N passed, M failed`; exit status 0 only if all passed. Runs from
 the source tree on the machine's own torch (`PYTHONPATH=.`), never through `make setup`.
@@ -194,6 +197,7 @@ def check_kernel(ctx: Context) -> Result:
             "-p",
             "no:cacheprovider",
             "tests/test_wkv_cuda.py",
+            "tests/test_wkv7_cuda.py",
             "tests/test_model_gpu.py",
         ],
         timeout=600,
@@ -380,16 +384,17 @@ CORPUS_SAMPLE_TEXT = (
 )
 
 
-def check_train_169m(ctx: Context) -> Result:
+def train_preset(ctx: Context, name: str, preset: str, ctx_len: int) -> Result:
+    """A few dozen steps of `preset` under torchrun on one GPU: loss falls; tokens/s, MFU, memory."""
     prepare_data(ctx)
-    run_dir = ctx.out / "169m"
+    run_dir = ctx.out / preset
     steps = 20 if ctx.quick else 40
     sets = [
         f"run_dir={run_dir}",
         f"data.manifests=[{ctx.manifest}]",
-        "model.preset=169m",
+        f"model.preset={preset}",
         f"train.steps={steps}",
-        "train.ctx_len=1024",
+        f"train.ctx_len={ctx_len}",
         "train.micro_batch_size=8",
         "train.precision=bf16",
         "optim.name=adam",
@@ -400,7 +405,7 @@ def check_train_169m(ctx: Context) -> Result:
         "eval.every=0",
         "log.progress=false",
     ]
-    run(ctx, "train_169m", torchrun_cmd(REPO / "configs" / "tiny.yaml", sets), timeout=600)
+    run(ctx, name.replace("-", "_"), torchrun_cmd(REPO / "configs" / "tiny.yaml", sets), timeout=600)
     recs = [r for r in metrics(run_dir) if "loss" in r]
     if len(recs) != steps:
         raise CheckFailed(f"{len(recs)} metrics records, expected {steps}")
@@ -413,30 +418,38 @@ def check_train_169m(ctx: Context) -> Result:
     mem = max(r.get("gpu_mem_gib", 0.0) for r in recs)
     figs = {"tokens_per_s": tps, "mfu": mfu, "peak_gib": mem, "loss_first": first, "loss_last": last}
     return Result(
-        "train-169m",
+        name,
         True,
         f"{tps:,.0f} tok/s, MFU {mfu:.1%}, peak {mem:.1f} GiB, loss "
-        f"{first:.2f} -> {last:.2f} (DeepSpeed ZeRO-2, 1 GPU)",
+        f"{first:.2f} -> {last:.2f} (DeepSpeed ZeRO-2, 1 GPU, ctx {ctx_len})",
         figures=figs,
     )
 
 
+def check_train_169m(ctx: Context) -> Result:
+    return train_preset(ctx, "train-169m", "169m", 1024)
+
+
+def check_train_rwkv7(ctx: Context) -> Result:
+    return train_preset(ctx, "train-rwkv7", "rwkv7-0.1b", 1024)
+
+
 def check_throughput(ctx: Context) -> Result:
-    out_json = ctx.out / "throughput.json"
     presets = "169m" if ctx.quick else "169m,430m,1b5"
+    return throughput(ctx, "throughput", presets, "1024,4096")
+
+
+def check_throughput_rwkv7(ctx: Context) -> Result:
+    return throughput(ctx, "throughput-rwkv7", "rwkv7-0.1b" if ctx.quick else "rwkv7-0.1b,rwkv7-1.5b", "4096")
+
+
+def throughput(ctx: Context, name: str, presets: str, ctx_lens: str) -> Result:
+    out_json = ctx.out / f"{name}.json"
     text = run(
         ctx,
-        "throughput",
-        [
-            sys.executable,
-            "bench/gpu_throughput.py",
-            "--presets",
-            presets,
-            "--ctx",
-            "1024,4096",
-            "--json",
-            out_json,
-        ],
+        name.replace("-", "_"),
+        [sys.executable, "bench/gpu_throughput.py", "--presets", presets, "--ctx", ctx_lens,
+         "--json", out_json],
         timeout=900,
     )
     rows = json.loads(out_json.read_text())
@@ -444,13 +457,13 @@ def check_throughput(ctx: Context) -> Result:
     ok = bool(rows) and all(r.get("ours_tokens_per_s", 0) > 0 for r in rows)
     best = max((r.get("ours_mfu") or 0.0) for r in rows) if rows else 0.0
     return Result(
-        "throughput", ok, f"{len(rows)} configurations, best MFU {best:.1%}\n{table}", figures={"rows": rows}
+        name, ok, f"{len(rows)} configurations, best MFU {best:.1%}\n{table}", figures={"rows": rows}
     )
 
 
 CHECKS: list[tuple[str, Callable[[Context], Result], str]] = [
     ("packages", check_packages, "import what the pipeline needs beyond torch"),
-    ("kernel", check_kernel, "pytest tests/test_wkv_cuda.py tests/test_model_gpu.py"),
+    ("kernel", check_kernel, "pytest tests/test_wkv_cuda.py tests/test_wkv7_cuda.py tests/test_model_gpu.py"),
     (
         "train-tiny",
         check_train_tiny,
@@ -460,10 +473,16 @@ CHECKS: list[tuple[str, Callable[[Context], Result], str]] = [
     ("convert", check_convert, "python -m launch.convert --to rwkv / --to hf --verify"),
     ("generate", check_generate, "python -m launch.generate --device cuda --dtype bf16 (sample, --score)"),
     ("train-169m", check_train_169m, "torchrun --nproc_per_node 1 -m train (169m, ctx 1024, bf16)"),
+    ("train-rwkv7", check_train_rwkv7, "torchrun --nproc_per_node 1 -m train (rwkv7-0.1b, ctx 1024, bf16)"),
     (
         "throughput",
         check_throughput,
         "python bench/gpu_throughput.py --presets 169m,430m,1b5 --ctx 1024,4096",
+    ),
+    (
+        "throughput-rwkv7",
+        check_throughput_rwkv7,
+        "python bench/gpu_throughput.py --presets rwkv7-0.1b,rwkv7-1.5b --ctx 4096",
     ),
 ]
 
