@@ -342,3 +342,58 @@ def test_gradient_checkpointing_gives_equal_gradients():
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ HF (rwkv7_hf)
+def hf_model_from_ours(model: RWKV):
+    """An `rwkv7_hf` RWKV7ForCausalLM holding our weights, through launch/hf_format_rwkv7 (strict load)."""
+    from rwkv7_hf.configuration_rwkv7 import RWKV7Config
+    from rwkv7_hf.modeling_rwkv7 import RWKV7ForCausalLM
+
+    from launch.hf_format_rwkv7 import hf_config, to_hf_state_dict
+
+    sd = model.state_dict()
+    config = hf_config(model.cfg.to_dict(), {k: tuple(v.shape) for k, v in sd.items()})
+    hf = RWKV7ForCausalLM(RWKV7Config(**config)).to(next(model.parameters()).dtype).eval()
+    hf.load_state_dict(to_hf_state_dict(sd), strict=True)
+    return hf
+
+
+def test_logits_match_the_rwkv7_hf_reference():
+    torch.manual_seed(2)
+    model = perturb7(RWKV(small_config()), seed=2).eval()
+    hf = hf_model_from_ours(model)
+    idx = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        ours = model(idx)
+        theirs = hf(input_ids=idx).logits
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_mapping_agrees_with_rwkv7_hf_converter_and_round_trips():
+    """Second cross-check: the package's own converter (RWKV-LM .pth -> HF) translates our names and
+    shapes to the same tensors; and HF -> ours gives our state dict back (layer 0's unused v* as 0)."""
+    from rwkv7_hf.converter import prepare_translated_weight, translate_name
+
+    from launch.hf_format_rwkv7 import UNUSED, from_hf_state_dict, to_hf_state_dict
+
+    model = perturb7(RWKV(small_config()), seed=7)
+    sd = model.state_dict()
+    ours = to_hf_state_dict(sd)
+    template = hf_model_from_ours(model).state_dict()
+    theirs = {}
+    for name, t in sd.items():
+        key, transposed = translate_name(name, model.cfg.n_layer)
+        if key:
+            theirs[key] = prepare_translated_weight(
+                t, src_name=name, dst_name=key, transposed=transposed, expected=template[key], dtype=t.dtype
+            )
+    assert ours.keys() == theirs.keys() == template.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    back = from_hf_state_dict(ours)
+    assert back.keys() == sd.keys()
+    for k, v in sd.items():
+        expected = torch.zeros_like(v) if k in UNUSED else v
+        assert torch.equal(back[k], expected), k
