@@ -397,3 +397,52 @@ def test_hf_mapping_agrees_with_rwkv7_hf_converter_and_round_trips():
     for k, v in sd.items():
         expected = torch.zeros_like(v) if k in UNUSED else v
         assert torch.equal(back[k], expected), k
+
+
+def test_flops_per_token_counts_the_matmuls_of_a_training_step(monkeypatch):
+    """torch's FlopCounterMode counts every matmul FLOP of a forward + backward; with the WKV op replaced
+    by an elementwise stand-in (the reference loop's einsums would count too) it equals 6 x matmul_params
+    per token: the projections, the LoRA factors but layer 0's unused v1/v2, and the head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def elementwise_wkv(r, w, k, v, a, b, state=None, backend="auto"):
+        return r * w * k * v * a * b, state
+
+    monkeypatch.setattr(rwkv7, "wkv7", elementwise_wkv)
+    cfg = small_config(n_layer=2)
+    model = perturb7(RWKV(cfg))
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(idx).sum().backward()
+    assert counter.get_total_flops() == 6 * cfg.matmul_params() * idx.numel()
+    wkv_term = cfg.flops_per_token() - 6 * cfg.matmul_params()
+    assert wkv_term == 27 * 64 * cfg.n_embd * cfg.n_layer
+
+
+def test_bf16_model_tracks_fp32_in_both_modes():
+    torch.manual_seed(0)
+    model = perturb7(RWKV(small_config(n_layer=2)), seed=8).eval()
+    idx = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ref = model(idx)
+        half = model.to(torch.bfloat16)
+        parallel = half(idx).float()
+        last, state = half.forward_rnn(idx[0, :10])
+        last, state = half.forward_rnn(idx[0, 10:], state)
+    assert state.wkv.dtype == torch.float32 and state.att_x.dtype == torch.float32
+    scale = ref.abs().max()
+    assert (parallel - ref).abs().max() < 0.05 * scale
+    assert (last.float() - ref[0, -1]).abs().max() < 0.05 * scale
+
+
+def test_a_released_style_checkpoint_loads_by_its_shapes():
+    """A bf16 state dict in RWKV-LM names (as the released .pth files are) loads strictly into the model
+    that config_from_state_dict describes, with non-default LoRA widths."""
+    src = RWKV(small_config(n_layer=2, dim_w_lora=64, dim_a_lora=32, dim_v_lora=32, dim_g_lora=96))
+    sd = {k: v.to(torch.bfloat16) for k, v in perturb7(src, seed=9).state_dict().items()}
+    cfg = ModelConfig(**config_from_state_dict(sd))
+    assert (cfg.dim_w_lora, cfg.dim_a_lora, cfg.dim_v_lora, cfg.dim_g_lora) == (64, 32, 32, 96)
+    model = RWKV(cfg)
+    model.load_state_dict(sd, strict=True)
+    assert torch.equal(model.blocks[1].att.g2.to(torch.bfloat16), sd["blocks.1.att.g2"])
