@@ -25,7 +25,9 @@ exp(-exp(-softplus(-w) - 0.5)), and its g_norm eps is head_dim * norm_eps = 64e-
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,3 +175,21 @@ def hf_config(
         "bos_token_id": 1,
         "eos_token_id": eos_id,
     }
+
+
+def save_hf_dir(
+    sd: dict[str, torch.Tensor], model_config: dict[str, Any], out_dir: str | Path, eos_id: int = 0
+) -> Path:
+    """Write our state dict as an HF RWKV-7 directory: config.json + model.safetensors (no tokenizer,
+    no remote code: load it with `rwkv7_hf.modeling_rwkv7.RWKV7ForCausalLM.from_pretrained(out_dir)`,
+    or with fla's RWKV7ForCausalLM)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(model_config, {k: tuple(v.shape) for k, v in sd.items()}, eos_id=eos_id)
+    config["torch_dtype"] = str(sd["emb.weight"].dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf_state_dict(sd).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

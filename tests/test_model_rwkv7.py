@@ -446,3 +446,16 @@ def test_a_released_style_checkpoint_loads_by_its_shapes():
     model = RWKV(cfg)
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model.blocks[1].att.g2.to(torch.bfloat16), sd["blocks.1.att.g2"])
+
+
+def test_hf_directory_loads_with_from_pretrained(tmp_path):
+    from rwkv7_hf.modeling_rwkv7 import RWKV7ForCausalLM
+
+    from launch.hf_format_rwkv7 import save_hf_dir
+
+    model = perturb7(RWKV(small_config(n_layer=2)), seed=10).eval()
+    save_hf_dir(model.state_dict(), model.cfg.to_dict(), tmp_path / "hf")
+    hf = RWKV7ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, model(idx), atol=1e-4, rtol=1e-4)
