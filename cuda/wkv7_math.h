@@ -31,10 +31,16 @@
 // Fully unrolled: the row arrays are indexed by constants only, so they stay in registers.
 #define WKV7_LOOP(...) WKV7_PRAGMA(unroll)
 #elif defined(__GNUC__)
+// Always inlined, so a caller compiled for a wider instruction set (see wkv7_cpu.cpp) vectorises them.
 #define WKV7_HD inline __attribute__((always_inline))
 #define WKV7_PRAGMA(...) _Pragma(#__VA_ARGS__)
-// On the host the j loops are vector loops (reductions may be reassociated).
+#if defined(WKV_OMP_SIMD)
+// On the host the j loops are vector loops (reductions may be reassociated); the CPU twin is built
+// with -fopenmp-simd -DWKV_OMP_SIMD (train.wkv.CPU_CFLAGS).
 #define WKV7_LOOP(...) WKV7_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#else
+#define WKV7_LOOP(...)
+#endif
 #else
 #define WKV7_HD inline
 #define WKV7_LOOP(...)
