@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wkv7 import make_inputs  # noqa: E402  (bench/wkv7.py: model-range inputs)
+
 from train.wkv7 import HEAD_SIZE, load_extension, wkv7  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
