@@ -24,7 +24,6 @@ falls back to the Python loop.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import warnings
@@ -36,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from train import ext_build
 from train.ext_build import ExtensionBuildError as WKVBuildError
-from train.wkv import CPU_CFLAGS
+from train.wkv import CPU_CFLAGS, _device_of, _stream_args  # as RWKV-4's: flags, device and stream
 
 CUDA_SRC_DIR = Path(__file__).resolve().parent.parent / "cuda"
 BACKENDS = ("auto", "cuda", "cpu", "reference")
@@ -152,16 +151,6 @@ def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> Mod
     if isinstance(entry, WKVBuildError):
         raise entry
     return entry
-
-
-def _device_of(r: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Makes r's CUDA device current (the binding launches on the current device)."""
-    return torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext()
-
-
-def _stream_args(r: torch.Tensor) -> tuple[int, ...]:
-    """The CUDA binding takes the current stream of r's device as an integer handle; the CPU one nothing."""
-    return (torch.cuda.current_stream(r.device).cuda_stream,) if r.is_cuda else ()
 
 
 class _WKV7Function(torch.autograd.Function):
