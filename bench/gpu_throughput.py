@@ -134,8 +134,9 @@ def main() -> int:
         hf = f"{r['hf_tokens_per_s']:,.0f}" if "hf_tokens_per_s" in r else r.get("hf_note", "-")
         hf += f" ({r['hf_note']})" if "hf_tokens_per_s" in r and "hf_note" in r else ""
         ratio = f"{r['ratio']:.1f}x" if "ratio" in r else "-"
+        peak = f"{r['ours_peak_gib']:.1f}" if "ours_peak_gib" in r else "-"
         print(
-            f"| {r['preset']} | {r['ctx']} | {r['micro_batch']} | {ours} | {mfu} | {r.get('ours_peak_gib', float('nan')):.1f} "
+            f"| {r['preset']} | {r['ctx']} | {r['micro_batch']} | {ours} | {mfu} | {peak} "
             f"| {hf} | {ratio} |"
         )
     if args.json:
