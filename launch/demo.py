@@ -2,7 +2,10 @@
 processes, interrupted and resumed -> inference weights (rwkv .pth, Hugging Face) -> a sample
 and held-out perplexity before and after training.
 
-    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N]
+    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N] [--arch rwkv7|rwkv4]
+
+The model is RWKV-7 (configs/demo.yaml: the rwkv7-tiny preset at 6 layers x 256); `--arch rwkv4`
+trains the same size as RWKV-4.
 
 Every step runs the project's own command line (printed before it runs), so the demo doubles
 as a walkthrough. The output directory is re-runnable: a step whose outputs exist and are
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from train.models import ARCH_TITLES
+
 if TYPE_CHECKING:
     from train.run_config import RunConfig
 
@@ -36,6 +41,10 @@ CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
 # A scene opening in the corpus's layout, so the sample continues with dialogue.
 PROMPT = "SCENE II. Verona. A street.\n\n[Enter ROMEO and MERCUTIO]\n\nROMEO:\n"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+# --arch: the preset whose architecture the demo model takes (its sizes stay those of demo.yaml)
+ARCH_PRESETS = {"rwkv7": "rwkv7-tiny", "rwkv4": "tiny"}
+HF_FORMATS = {"rwkv7": "Hugging Face directory (flash-linear-attention layout)",
+              "rwkv4": "Hugging Face transformers directory"}
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Settings:
     nproc: int
     sample_tokens: int
     heldout_tokens: int  # held-out text scored for perplexity (a prefix of the validation documents)
+    arch: str = "rwkv7"
     # trainer --set overrides on top of configs/demo.yaml (the output paths are always added)
     train_sets: list[str] = field(default_factory=list)
     steps: int = 0  # optimizer steps of the whole run, as resolved from the config
@@ -125,6 +135,8 @@ def demo_settings(args: argparse.Namespace) -> Settings:
             sample_tokens=300,
             heldout_tokens=8000,
         )
+    s.arch = args.arch
+    s.train_sets.insert(0, f"model.preset={ARCH_PRESETS[args.arch]}")
     if args.steps:
         s.train_sets.append(f"train.steps={args.steps}")
     s.train_sets += list(args.set or [])
@@ -540,7 +552,8 @@ def steps(s: Settings, env: dict[str, str]) -> list[Step]:
         ),
         Step("Tokenize the corpus into binidx shards", lambda: shards_done(s), lambda: prep_shards(s, env)),
         Step(
-            f"Train with DeepSpeed ZeRO-2 on {s.nproc} CPU processes; kill it after the first checkpoint",
+            f"Train {ARCH_TITLES[s.arch]} with DeepSpeed ZeRO-2 on {s.nproc} CPU processes; "
+            "kill it after the first checkpoint",
             lambda: latest_tag(s) is not None,
             lambda: train_until_first_checkpoint(s, env),
         ),
@@ -560,7 +573,7 @@ def steps(s: Settings, env: dict[str, str]) -> list[Step]:
             lambda: convert(s, env, "rwkv"),
         ),
         Step(
-            "Convert to a Hugging Face transformers directory (--verify)",
+            f"Convert to a {HF_FORMATS[s.arch]} (--verify)",
             lambda: convert_done(s, "hf"),
             lambda: convert(s, env, "hf"),
         ),
@@ -627,7 +640,7 @@ def heading(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m launch.demo",
         description=__doc__,
@@ -639,8 +652,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean", action="store_true", help="delete the output directory first")
     p.add_argument("--quick", action="store_true", help="a reduced run (a couple of minutes) for tests")
     p.add_argument("--steps", type=int, help="optimizer steps of the training run")
+    p.add_argument(
+        "--arch", choices=sorted(ARCH_PRESETS), default="rwkv7", help="model architecture (default rwkv7)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra trainer --set override")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not CORPUS:
         print(f"error: no corpus files under {REPO / 'data/demo/train'}", file=sys.stderr)
         return 2

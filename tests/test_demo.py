@@ -91,26 +91,35 @@ def test_demo_perplexity_drops_with_training(demo_run) -> None:
     assert trained["perplexity"] < first["perplexity"] < fresh["perplexity"]
 
 
-def test_demo_converted_weights_load_and_agree(demo_run, monkeypatch) -> None:
-    """The rwkv package reading demo.pth and transformers reading the HF directory are two
-    independent RWKV-4 implementations: on held-out tokens their logits must match."""
+def test_demo_converted_weights_load_and_agree(demo_run) -> None:
+    """The rwkv package reading demo.pth (RWKV_V7_ON=1) and the rwkv7_hf model reading the HF
+    directory are two independent RWKV-7 implementations: on held-out tokens their logits must match."""
     out, _ = demo_run
     from data_prep.tokenizer import load_tokenizer
+    from launch.convert import rwkv_package_logits
+    from launch.hf_format import hf_format
 
     tok = load_tokenizer(str(out / "tokenizer" / "demo.model"))
-    ids = tok.encode((out / "data" / "heldout.txt").read_text())[:64]
-    monkeypatch.setenv("RWKV_JIT_ON", "0")
-    monkeypatch.setenv("RWKV_CUDA_ON", "0")
-    from rwkv.model import RWKV as RwkvPackageModel
-    from transformers import RwkvForCausalLM
-
-    pkg = RwkvPackageModel(model=str(out / "weights" / "demo.pth"), strategy="cpu fp32", verbose=False)
-    pkg_logits, _ = pkg.forward(ids, None, full_output=True)
-    hf = RwkvForCausalLM.from_pretrained(str(out / "weights" / "hf"), dtype=torch.float32).eval()
+    ids = torch.tensor(tok.encode((out / "data" / "heldout.txt").read_text())[:64])
+    pkg_logits = rwkv_package_logits(out / "weights" / "demo.pth", ids, "rwkv7")
+    hf = hf_format("rwkv7").load_hf_model(out / "weights" / "hf")
     with torch.no_grad():
-        hf_logits = hf(torch.tensor([ids])).logits[0]
+        hf_logits = hf(ids.unsqueeze(0)).logits[0]
     assert pkg_logits.shape == hf_logits.shape == (len(ids), 512)
     assert (pkg_logits.float() - hf_logits).abs().max().item() <= 1e-4
+
+
+def test_arch_flag_picks_the_preset_and_keeps_the_demo_sizes(tmp_path) -> None:
+    """--arch rwkv4 trains the demo's sizes as RWKV-4; the default is RWKV-7."""
+    from launch.demo import build_parser, demo_settings, run_config
+    from train.config import ModelConfig
+
+    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4")):
+        args = build_parser().parse_args(["--out", str(tmp_path), "--arch", arch])
+        model = run_config(demo_settings(args)).model
+        sizes = {k: v for k, v in model.overrides.items() if k in ("n_layer", "n_embd")}
+        mc = ModelConfig.from_preset(model.preset, **sizes)
+        assert (mc.arch, mc.n_layer, mc.n_embd) == (expected, 6, 256)
 
 
 def test_demo_rerun_skips_finished_steps(demo_run) -> None:
