@@ -232,3 +232,57 @@ def test_segment_slices_refuses_a_partial_segment():
         segment_slices(10, 4)
     with pytest.raises(ValueError, match="bptt"):
         train_window(None, torch.zeros(1, 4), torch.zeros(1, 4), 2, "tbptt", None, None)
+
+
+# ------------------------------------------------------------------------------------------ config, buckets
+def _run_config(*sets):
+    from train.run_config import load_run_config
+
+    return load_run_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", list(sets))
+
+
+def test_config_keys_and_deepspeed_accumulation():
+    from train.ds_config import fill_ds_config, load_ds_config
+    from train.run_config import ConfigError
+
+    cfg = _run_config()
+    assert (cfg.train.seq_len, cfg.train.window, cfg.train.n_segments, cfg.train.bptt) == (0, 64, 1, "full")
+    cfg = _run_config("train.seq_len=256", "train.grad_accum=3", "train.bptt=truncated")
+    assert (cfg.train.window, cfg.train.n_segments) == (256, 4)
+    assert cfg.tokens_per_step(2) == 4 * 3 * 2 * 256
+    ds = fill_ds_config(load_ds_config(Path(__file__).parents[1] / "ds_config.json"), cfg, 2)
+    assert ds["gradient_accumulation_steps"] == 12  # one micro-step per segment
+    assert ds["train_batch_size"] == 4 * 12 * 2
+    with pytest.raises(ConfigError, match="multiple of train.ctx_len"):
+        _run_config("train.seq_len=100")
+    with pytest.raises(ConfigError, match="bptt"):
+        _run_config("train.seq_len=128", "train.bptt=tbptt")
+    with pytest.raises(ConfigError, match="bf16 or fp32"):
+        _run_config("train.seq_len=128", "train.precision=fp16")
+    _run_config("train.seq_len=128", "train.precision=fp16", "train.bptt=truncated")  # truncated: fine
+
+
+def test_position_buckets():
+    from train.val_positions import bucket_edges, bucket_names, buckets
+
+    assert bucket_edges(65536) == [0, 1024, 4096, 16384, 65536]
+    assert bucket_names(bucket_edges(16384)) == ["0-1k", "1k-4k", "4k-16k"]
+    assert bucket_edges(4096) == [0, 1024, 4096]
+    assert bucket_edges(256) == [0, 16, 64, 256]
+    assert bucket_edges(1) == [0, 1]
+    per_pos = [float(i < 16) for i in range(256)]
+    assert buckets(per_pos) == {"0-16": 1.0, "16-64": 0.0, "64-256": 0.0}
+
+
+def test_position_plot(tmp_path):
+    """The PNG, when matplotlib is there; a log line (not an error) when it is not."""
+    from train.val_positions import PLOT_NAME, plot
+
+    lines = []
+    path = plot(tmp_path, [5.0 - i / 300 for i in range(1024)], 7, lines.append)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert path is None and "matplotlib is not installed" in lines[0]
+        return
+    assert path == tmp_path / PLOT_NAME and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,6 +35,22 @@ Forward = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def engine_forward(engine: Any, module: torch.nn.Module) -> Forward:
+    """`(idx, state) -> module.forward_with_state(idx, state)`, called through `engine` (a DeepSpeed
+    engine, or the module itself): the engine's forward registers the hooks its backward needs, and
+    ZeRO-3 gathers parameters in module calls. For the call, the instance's `forward` is the
+    architecture's `forward_with_state`, so no model needs a second forward signature."""
+
+    def forward(idx: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        module.forward = module.forward_with_state
+        try:
+            return engine(idx, state)
+        finally:
+            del module.forward
+
+    return forward
+
+
 def segment_slices(seq_len: int, ctx_len: int) -> list[slice]:
     """The segments of a window: ctx_len tokens each (seq_len must be a multiple of ctx_len)."""
     if ctx_len <= 0 or seq_len <= 0 or seq_len % ctx_len:
