@@ -18,8 +18,7 @@ from launch.checkpoint_io import CheckpointError, LoadedWeights, load_weights
 from launch.hf_format import from_hf_key
 from train.config import ModelConfig
 from train.model import RWKV
-
-ARCH_NAMES = {"rwkv4": "RWKV-4", "rwkv7": "RWKV-7"}
+from train.models import ARCH_TITLES
 
 # Written next to converted weights: the model config and the tokenizer they were trained with.
 SIDECAR_NAME_HF = "rwkv_pretrain.json"
@@ -67,7 +66,7 @@ def check_tensors_match(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig,
                 (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)) if items]
     if problems:
         raise CheckpointError(
-            f"{origin}: weights do not match {ARCH_NAMES[cfg.arch]} {cfg.n_layer} layers x {cfg.n_embd}, "
+            f"{origin}: weights do not match {ARCH_TITLES[cfg.arch]} {cfg.n_layer} layers x {cfg.n_embd}, "
             f"vocab {cfg.vocab_size} ({len(expected)} tensors): " + "; ".join(problems)
         )
 

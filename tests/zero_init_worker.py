@@ -3,6 +3,7 @@ gather every parameter and save what each rank holds, plus the size of its own p
 
 from __future__ import annotations
 
+import json
 import sys
 
 import deepspeed
@@ -12,12 +13,12 @@ from train.config import ModelConfig
 from train.model import RWKV
 
 
-def main(out: str, precision: str, seed: int) -> None:
+def main(out: str, precision: str, seed: int, preset: str, overrides: dict) -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank = deepspeed.comm.get_rank()
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
           "bf16": {"enabled": precision == "bf16"}}
-    cfg = ModelConfig.from_preset("tiny", n_layer=3, n_embd=64, vocab_size=300)
+    cfg = ModelConfig.from_preset(preset, **overrides)
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = RWKV(cfg)
@@ -31,4 +32,4 @@ def main(out: str, precision: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))

@@ -10,7 +10,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rwkv-train",
-        description="Train an RWKV-4 model with DeepSpeed ZeRO (launch with torchrun, deepspeed, srun, "
+        description="Train an RWKV model with DeepSpeed ZeRO (launch with torchrun, deepspeed, srun, "
         "or run as a single process).",
     )
     parser.add_argument("--config", help="YAML run config (see configs/ and docs/training.md)")

@@ -9,7 +9,7 @@ from typing import Any
 WKV_BACKENDS = ("auto", "cuda", "cpu", "reference")
 ARCHS = ("rwkv4", "rwkv7")
 
-# Size presets. The named sizes follow the RWKV-4 Pile models (BlinkDL/rwkv-4-pile-*):
+# Size presets. The plain names follow the RWKV-4 Pile models (BlinkDL/rwkv-4-pile-*):
 # layers x width, vocabulary of the GPT-NeoX 20B tokenizer (50277), ctx 1024.
 # `tiny` is small enough for 2-process DeepSpeed tests and the CPU demo.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 
 from train.config import ModelConfig
-from train.models import architecture
+from train.models import ARCH_TITLES, architecture
 
 BYTES_16 = 2
 OPTIMIZER_BYTES = 16  # fp32 master 4 + fp32 grad 4 + Adam m 4 + v 4
@@ -162,7 +162,7 @@ def report(args: argparse.Namespace) -> str:
     tps = args.mfu * args.peak_tflops * 1e12 / e.flops_per_token
     scratch = e.wkv_scratch
     lines = [
-        f"RWKV-4 {args.preset}: {mc.n_layer} layers x {mc.n_embd}, vocab {mc.vocab_size}, "
+        f"{ARCH_TITLES[mc.arch]} {args.preset}: {mc.n_layer} layers x {mc.n_embd}, vocab {mc.vocab_size}, "
         f"{e.n_params / 1e9:.3f} B parameters (largest layer {e.largest_layer / 1e6:.1f} M)",
         f"{args.nodes} node(s) x {args.gpus_per_node} GPUs = {gpus}; ZeRO {args.zero}"
         + (" + optimizer offload" if args.offload else "")

@@ -92,7 +92,7 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
     weight_decay: float = 0.0  # applied to 2-D weight matrices only
-    layerwise_lr: bool = True  # RWKV-LM: time_decay x2, time_first x3
+    layerwise_lr: bool = True  # RWKV-LM multipliers: RWKV-4 time_decay x2, time_first x3; RWKV-7 w0 x2
 
 
 @dataclass

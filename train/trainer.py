@@ -25,7 +25,7 @@ from train.data import TokenWindows, WeightedMixture, open_windows
 from train.ds_config import fill_ds_config, load_ds_config
 from train.loss import lm_loss
 from train.metrics import MetricsWriter, mfu, peak_tflops, truncate_metrics
-from train.models import architecture
+from train.models import ARCH_TITLES, architecture
 from train.nonfinite import GradientGate, optimizer_update_skipped
 from train.optim import apply_lr, param_groups, torch_adamw
 from train.prefetch import BatchPrefetcher
@@ -302,7 +302,7 @@ class Trainer:
             "\n".join(
                 [
                     "=" * 72,
-                    f"RWKV-4 {p.model_cfg.n_layer} layers x {p.model_cfg.n_embd}, "
+                    f"{ARCH_TITLES[p.model_cfg.arch]} {p.model_cfg.n_layer} layers x {p.model_cfg.n_embd}, "
                     f"{self.n_params:,} parameters, vocab {p.model_cfg.vocab_size}",
                     f"world size {self.world} ({self.denv.launcher}), ZeRO stage {t.zero_stage}"
                     + (" + optimizer offload" if t.offload_optimizer else "")

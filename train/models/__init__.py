@@ -9,6 +9,8 @@ from types import ModuleType
 
 # arch name (ModelConfig.arch) -> the module that defines it
 ARCH_MODULES = {"rwkv4": "train.models.rwkv4", "rwkv7": "train.models.rwkv7"}
+# How the docs and logs name each architecture.
+ARCH_TITLES = {"rwkv4": "RWKV-4", "rwkv7": "RWKV-7"}
 # A tensor name only that generation's state dicts have (RWKV-LM's names); RWKV-4 is the default.
 SIGNATURE_KEYS = {"rwkv7": "blocks.0.att.w0"}
 
