@@ -142,7 +142,8 @@ def _window(B=2, T=48, V=64, seed=4):
 
 
 def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    """Gradients by name; None for a parameter the forward does not use (RWKV-7 layer 0's v LoRA)."""
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def _one_piece(model, idx, targets, l2wrap):
@@ -166,7 +167,11 @@ def _assert_same(got, want, tol=TOL):
     (loss_a, grads_a), (loss_b, grads_b) = got, want
     assert abs(loss_a - loss_b) < tol
     assert grads_a.keys() == grads_b.keys()
+    assert sum(g is not None for g in grads_b.values()) > len(grads_b) * 0.8
     for name in grads_b:
+        if grads_b[name] is None:
+            assert grads_a[name] is None, name
+            continue
         err = (grads_a[name] - grads_b[name]).abs().max().item()
         assert err < tol, f"{name}: {err}"
         assert grads_b[name].abs().max() > 0 or "ln0" in name, f"{name}: zero gradient tests nothing"
@@ -211,7 +216,7 @@ def test_truncated_bptt_equals_detached_computation(arch):
     # and it is not the full gradient (the boundaries do cut something)
     full = _segmented(model, idx, targets, ctx_len, "full", l2wrap=True)
     assert abs(full[0] - got[0]) < TOL
-    assert max((full[1][k] - got[1][k]).abs().max().item() for k in got[1]) > 1e-6
+    assert max((full[1][k] - got[1][k]).abs().max().item() for k in got[1] if got[1][k] is not None) > 1e-6
 
 
 @pytest.mark.parametrize("arch", _archs())
