@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 PLOT_NAME = "val_loss_by_position.png"
-PLOT_BINS = 128  # points on the plotted curve (equal-width position bins)
+PLOT_BINS = 128  # at most this many points on the plotted curve (log-spaced position bins)
 
 
 def bucket_edges(seq_len: int) -> list[int]:
@@ -79,14 +79,14 @@ def plot(run_dir: Path, per_pos: list[float], step: int, log: Callable[[str], No
         log(f"val: matplotlib is not installed; not plotting {PLOT_NAME} (pip install matplotlib)")
         return None
     T = len(per_pos)
-    n_bins = min(PLOT_BINS, T)
+    # log-spaced bins (the axis is logarithmic): single positions at the start, wide bins at the end
+    cuts = sorted({0, T} | {min(T, round(T ** (i / PLOT_BINS))) for i in range(1, PLOT_BINS)})
     xs, ys = [], []
-    for i in range(n_bins):
-        a, b = i * T // n_bins, (i + 1) * T // n_bins
+    for a, b in zip(cuts, cuts[1:], strict=False):
         xs.append((a + b - 1) / 2)
         ys.append(sum(per_pos[a:b]) / (b - a))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(xs, ys, label=f"mean over {T // n_bins}-token bins")
+    ax.plot(xs, ys, label=f"mean over {len(xs)} log-spaced position bins")
     edges = bucket_edges(T)
     for (name, value), a, b in zip(buckets(per_pos).items(), edges, edges[1:], strict=False):
         ax.hlines(value, a, b - 1, colors="tab:red", linewidth=2)
