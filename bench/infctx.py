@@ -2,7 +2,8 @@
 
 Each configuration runs in a fresh subprocess (one thread, the tiny model, the CPU WKV twin, fp32,
 AdamW, glibc's mmap threshold fixed: see MALLOC_ENV), so its peak memory is the process' own
-high-water mark (ru_maxrss) with nothing left over from another configuration. A training step = forward and backward of one window + optimizer step.
+high-water mark (ru_maxrss) with nothing left over from another configuration. A training step =
+forward and backward of one window + optimizer step.
 
 Printed per configuration: peak RSS, the step's own peak (peak RSS minus the RSS after the model,
 optimizer and a warm-up step of 1 segment; the interpreter, torch and the weights are in the latter),
