@@ -13,7 +13,7 @@ tokens/s; then the ratios:
 - speed: segmented tokens/s / one-piece tokens/s at equal total tokens (the same windows).
 
     python bench/infctx.py [--ctx 1024] [--seqs 4096,16384,65536] [--one-piece-max 16384]
-                           [--n-layer 4] [--n-embd 128] [--vocab 2048] [--steps 2]
+                           [--n-layer 4] [--n-embd 128] [--vocab 2048] [--steps 2] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def run(args: argparse.Namespace, seq: int, ctx: int, bptt: str, grad_cp: bool =
     cmd = [sys.executable, __file__, "--worker", "--seq", str(seq), "--ctx", str(ctx), "--bptt", bptt,
            "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--vocab", str(args.vocab),
            "--steps", str(args.steps)] + (["--grad-cp"] if grad_cp else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **MALLOC_ENV})
+    env = dict(os.environ) if args.default_malloc else {**os.environ, **MALLOC_ENV}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,13 +114,16 @@ def main() -> None:
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's mmap threshold dynamic (RSS then includes heap fragmentation)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     seqs = [int(s) for s in args.seqs.split(",")]
+    malloc = "glibc default malloc" if args.default_malloc else "fixed mmap threshold"
     print(f"RWKV-4 {args.n_layer} x {args.n_embd}, vocab {args.vocab}, micro-batch 1, fp32, CPU twin, "
-          f"1 thread; ctx_len {args.ctx}; {args.steps} timed steps per configuration")
+          f"1 thread, {malloc}; ctx_len {args.ctx}; {args.steps} timed steps per configuration")
     results: dict[tuple, dict] = {}
     for seq in seqs:
         for bptt in ("full", "truncated"):
