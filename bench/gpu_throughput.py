@@ -66,11 +66,16 @@ def run_one(preset: str, ctx: int, tokens: int, iters: int, hf: bool, budget_s: 
     row: dict = {"preset": preset, "arch": cfg.arch, "ctx": ctx, "micro_batch": micro}
     row["params"] = cfg.n_params()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = RWKV(cfg).to(torch.bfloat16)
-    res = time_steps(model, lambda m, x: m(x), batch, iters, budget_s)
-    del model
-    torch.cuda.empty_cache()
+    try:
+        with torch.device("cuda"):
+            model = RWKV(cfg).to(torch.bfloat16)
+        res = time_steps(model, lambda m, x: m(x), batch, iters, budget_s)
+    except torch.cuda.OutOfMemoryError:
+        row["ours_note"] = "out of memory"
+        return row
+    finally:
+        model = None
+        torch.cuda.empty_cache()
     if res["seconds"]:
         row["ours_tokens_per_s"] = tok / res["seconds"]
         row["ours_mfu"] = row["ours_tokens_per_s"] * cfg.flops_per_token() / (peak * 1e12) if peak else None
@@ -124,13 +129,14 @@ def main() -> int:
     print("\n| preset | ctx | micro | ours tok/s | MFU | peak GiB | transformers tok/s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ours = f"{r['ours_tokens_per_s']:,.0f}" if "ours_tokens_per_s" in r else "-"
+        ours = f"{r['ours_tokens_per_s']:,.0f}" if "ours_tokens_per_s" in r else r.get("ours_note", "-")
         mfu = f"{r['ours_mfu']:.1%}" if r.get("ours_mfu") else "-"
         hf = f"{r['hf_tokens_per_s']:,.0f}" if "hf_tokens_per_s" in r else r.get("hf_note", "-")
         hf += f" ({r['hf_note']})" if "hf_tokens_per_s" in r and "hf_note" in r else ""
         ratio = f"{r['ratio']:.1f}x" if "ratio" in r else "-"
+        peak = f"{r['ours_peak_gib']:.1f}" if "ours_peak_gib" in r else "-"
         print(
-            f"| {r['preset']} | {r['ctx']} | {r['micro_batch']} | {ours} | {mfu} | {r['ours_peak_gib']:.1f} "
+            f"| {r['preset']} | {r['ctx']} | {r['micro_batch']} | {ours} | {mfu} | {peak} "
             f"| {hf} | {ratio} |"
         )
     if args.json:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.hf_format import to_hf_key  # noqa: E402
+from launch.hf_format_rwkv4 import to_hf_key  # noqa: E402
 from train.config import ModelConfig  # noqa: E402
 from train.model import RWKV  # noqa: E402
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data_prep.output_paths import OutputPathError, check_writable_dir, check_writable_file
 from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec
-from launch.hf_format import hf_config, to_hf_key
+from launch.hf_format import hf_format
 from launch.model_loading import SIDECAR_NAME_HF, load_any_weights, model_config_from
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,16 +111,19 @@ def write_hf(loaded: LoadedWeights, output: Path, dtype: torch.dtype) -> None:
 
     shapes = loaded.shapes()
     cfg = model_config_from(loaded.model_config or {})
+    fmt = hf_format(cfg.arch)
     output.mkdir(parents=True, exist_ok=True)
     out: dict[str, torch.Tensor] = {}
     for name in tqdm(list(loaded.tensors), desc="rename", unit="tensor", leave=False):
-        out[to_hf_key(name)] = _take(loaded, name, dtype)
+        renamed = fmt.hf_tensor(name, _take(loaded, name, dtype))
+        if renamed is not None:  # None: a tensor the HF layout has no place for (unused by the math)
+            out[renamed[0]] = renamed[1].contiguous()
     tmp = output / "model.safetensors.tmp"
     save_file(out, str(tmp), metadata={"format": "pt"})
     _readable_like_other_files(tmp)
     os.replace(tmp, output / "model.safetensors")
     del out
-    hf = hf_config(cfg.to_dict(), shapes, eos_id=_eod_id(loaded))
+    hf = fmt.hf_config(cfg.to_dict(), shapes, eos_id=_eod_id(loaded))
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     (output / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
@@ -148,8 +151,10 @@ def convert(
     tag: str | None = None,
     dtype: str = "fp32",
     model_config_path: str | Path | None = None,
+    verify: bool = False,
 ) -> Path:
-    """Convert and return the path written (file for rwkv/fp32, directory for hf)."""
+    """Convert and return the path written (file for rwkv/fp32, directory for hf). With `verify`, a
+    conversion whose verifier package is missing is refused before anything is written."""
     if to not in ("rwkv", "hf", "fp32"):
         raise ValueError(f"unknown output format {to!r}; expected rwkv, hf or fp32")
     if dtype not in DTYPES:
@@ -159,6 +164,13 @@ def convert(
     # checks every tensor of every layer against the architecture: nothing is dropped silently
     loaded = load_any_weights(input, tag=tag, model_config_path=model_config_path)
     side = _sidecar(loaded)
+    if verify:
+        needed = verifier_package(to, side["model"]["arch"])
+        if needed and importlib.util.find_spec(needed) is None:
+            raise CheckpointError(
+                f"--verify --to {to} runs the weights in the `{needed}` package, which is not installed "
+                f"(pip install {needed.replace('_', '-')}), or leave out --verify"
+            )
     if to == "hf":
         write_hf(loaded, out, DTYPES[dtype])
         (out / SIDECAR_NAME_HF).write_text(json.dumps(side, indent=2) + "\n")
@@ -183,20 +195,50 @@ def verify_tokens(text: str, tokenizer_spec: str | None, vocab_size: int, n_rand
     return torch.randint(0, vocab_size, (n_random,), generator=g)
 
 
-def converted_logits(to: str, path: Path, tokens: torch.Tensor) -> torch.Tensor:
+# The rwkv package picks its RWKV-7 code at import time (RWKV_V7_ON=1), so RWKV-7 weights run in a
+# process of their own: this one may have imported the package already, or need it for RWKV-4.
+_RWKV7_PACKAGE_SCRIPT = """
+import sys, torch
+from rwkv.model import RWKV
+model = RWKV(model=sys.argv[1], strategy="cpu fp32")
+tokens = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits, _ = model.forward(tokens.tolist(), None, full_output=True)
+torch.save(logits.float(), sys.argv[3])
+"""
+
+
+def rwkv_package_logits(path: Path, tokens: torch.Tensor, arch: str) -> torch.Tensor:
+    """fp32 logits (T, V) of a .pth in the `rwkv` package (strategy cpu fp32)."""
+    if arch == "rwkv7":
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tok_file, out_file = Path(tmp) / "tokens.pt", Path(tmp) / "logits.pt"
+            torch.save(tokens, tok_file)
+            env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
+            # the package loads "<model>.pth": it is given the path without the suffix
+            cmd = [sys.executable, "-c", _RWKV7_PACKAGE_SCRIPT, str(path.with_suffix("")), tok_file, out_file]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CheckpointError(f"{path}: the rwkv package could not run it:\n{proc.stderr[-3000:]}")
+            return torch.load(out_file)
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    from rwkv.model import RWKV as RwkvPackageModel
+
+    pkg = RwkvPackageModel(model=str(path), strategy="cpu fp32", verbose=False)
+    logits, _ = pkg.forward(tokens.tolist(), None, full_output=True)
+    return logits.float()
+
+
+def converted_logits(to: str, path: Path, tokens: torch.Tensor, arch: str = "rwkv4") -> torch.Tensor:
     """fp32 logits (T, V) of the converted weights, run by the package that consumes that format."""
     if to == "rwkv":
-        os.environ.setdefault("RWKV_JIT_ON", "0")
-        os.environ.setdefault("RWKV_CUDA_ON", "0")
-        from rwkv.model import RWKV as RwkvPackageModel
-
-        pkg = RwkvPackageModel(model=str(path), strategy="cpu fp32", verbose=False)
-        logits, _ = pkg.forward(tokens.tolist(), None, full_output=True)
-        return logits.float()
+        return rwkv_package_logits(path, tokens, arch)
     if to == "hf":
-        from transformers import RwkvForCausalLM
-
-        hf = RwkvForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        hf = hf_format(arch).load_hf_model(path)
         with torch.no_grad():
             return hf(tokens.unsqueeze(0)).logits[0].float()
     from launch.model_loading import load_model
@@ -226,7 +268,7 @@ def verify(
     with torch.no_grad():
         ours = model(tokens.unsqueeze(0))[0].float()
     del model, loaded
-    theirs = converted_logits(to, converted, tokens)
+    theirs = converted_logits(to, converted, tokens, cfg.arch)
     diff = (ours - theirs).abs().max().item()
     return {
         "max_abs_logit_diff": diff,
@@ -270,20 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The package that consumes each format, which --verify runs the converted weights with.
-VERIFIER_PACKAGE = {"rwkv": "rwkv", "hf": "transformers"}
+def verifier_package(to: str, arch: str) -> str | None:
+    """The package that consumes a format, which --verify runs the converted weights with."""
+    if to == "rwkv":
+        return "rwkv"
+    return hf_format(arch).VERIFIER_PACKAGE if to == "hf" else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    needed = VERIFIER_PACKAGE.get(args.to)
+    # Checked before converting: a conversion that cannot be verified as asked writes nothing. The package
+    # every architecture needs is checked here, before loading; convert() checks the architecture's own.
+    needed = verifier_package(args.to, "rwkv4")
     if args.verify and needed and importlib.util.find_spec(needed) is None:
-        # Checked before converting: a conversion that cannot be verified as asked writes nothing.
         print(f"rwkv-convert: error: --verify --to {args.to} runs the weights in the `{needed}` package, "
               f"which is not installed (pip install {needed}), or leave out --verify", file=sys.stderr)
         return 2
     try:
-        out = convert(args.input, args.to, args.output, args.tag, args.dtype, args.model_config)
+        out = convert(args.input, args.to, args.output, args.tag, args.dtype, args.model_config, args.verify)
         print(f"wrote {args.to} weights ({args.dtype}) to {out}")
         if args.verify:
             report = verify(

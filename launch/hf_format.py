@@ -1,92 +1,36 @@
-"""Our RWKV-4 parameter names <-> Hugging Face ``RwkvForCausalLM`` names, and its config.json."""
+"""Hugging Face formats, one module per architecture: RWKV-4 as transformers' ``RwkvForCausalLM``
+(`launch.hf_format_rwkv4`), RWKV-7 in the flash-linear-attention layout of the hub's RWKV-7 models
+(`launch.hf_format_rwkv7`). Each module offers:
+
+- ``hf_tensor(name, t) -> (hf_name, tensor) | None``: one of our tensors as the HF model holds it;
+- ``our_tensors(hf_tensors) -> dict``: the inverse (unknown names kept, to be reported);
+- ``hf_config(model_config, shapes, eos_id) -> dict``: its config.json;
+- ``model_config_from_hf(hf_cfg, shapes) -> dict``: our ModelConfig fields back;
+- ``load_hf_model(path)``: the directory loaded by the package that consumes it (for --verify);
+- ``MODEL_TYPE`` (config.json's model_type) and ``VERIFIER_PACKAGE``.
+"""
 
 from __future__ import annotations
 
-import re
+import importlib
+from types import ModuleType
 from typing import Any
 
-# Suffix renames inside one block; the block index is carried over unchanged.
-_BLOCK_RENAMES = {
-    "ln0.": "pre_ln.",  # exists in block 0 only
-    "ln1.": "ln1.",
-    "ln2.": "ln2.",
-    "att.key.": "attention.key.",
-    "att.value.": "attention.value.",
-    "att.receptance.": "attention.receptance.",
-    "att.output.": "attention.output.",
-    "att.time_decay": "attention.time_decay",
-    "att.time_first": "attention.time_first",
-    "att.time_mix_k": "attention.time_mix_key",
-    "att.time_mix_v": "attention.time_mix_value",
-    "att.time_mix_r": "attention.time_mix_receptance",
-    "ffn.key.": "feed_forward.key.",
-    "ffn.value.": "feed_forward.value.",
-    "ffn.receptance.": "feed_forward.receptance.",
-    "ffn.time_mix_k": "feed_forward.time_mix_key",
-    "ffn.time_mix_r": "feed_forward.time_mix_receptance",
-}
+HF_FORMAT_MODULES = {"rwkv4": "launch.hf_format_rwkv4", "rwkv7": "launch.hf_format_rwkv7"}
 
 
-def to_hf_key(name: str) -> str:
-    """Map one of our parameter names to the transformers RWKV name."""
-    if name.startswith("emb."):
-        return "rwkv.embeddings." + name[len("emb.") :]
-    if name.startswith("ln_out."):
-        return "rwkv." + name
-    if name == "head.weight":
-        return name
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if m:
-        layer, rest = m.groups()
-        for ours, theirs in _BLOCK_RENAMES.items():
-            if rest.startswith(ours):
-                return f"rwkv.blocks.{layer}.{theirs}{rest[len(ours) :]}"
-    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+def hf_format(arch: str) -> ModuleType:
+    """The HF format module of architecture `arch`."""
+    if arch not in HF_FORMAT_MODULES:
+        raise ValueError(f"no Hugging Face format for architecture {arch!r}")
+    return importlib.import_module(HF_FORMAT_MODULES[arch])
 
 
-def hf_config(
-    model_config: dict[str, Any], shapes: dict[str, tuple[int, ...]], eos_id: int = 0
-) -> dict[str, Any]:
-    """config.json for ``RwkvForCausalLM``, sized from the tensors themselves.
-
-    ``rescale_every`` is 0: transformers' default (6) halves the hidden state every
-    6 blocks at inference and divides the matching output weights to compensate,
-    which is only exact when the weights were trained for it and loses precision
-    in fp16/bf16 otherwise; our models are trained without it.
-    """
-    vocab_size, hidden = shapes["emb.weight"]
-    n_layer = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
-    return {
-        "architectures": ["RwkvForCausalLM"],
-        "model_type": "rwkv",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "num_hidden_layers": n_layer,
-        "attention_hidden_size": shapes["blocks.0.att.key.weight"][0],
-        "intermediate_size": shapes["blocks.0.ffn.key.weight"][0],
-        "context_length": int(model_config.get("ctx_len", 1024)),
-        "layer_norm_epsilon": 1e-5,
-        "rescale_every": 0,
-        "tie_word_embeddings": False,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "use_cache": True,
-    }
-
-
-def from_hf_key(name: str) -> str:
-    """Map a transformers RWKV parameter name back to ours (inverse of `to_hf_key`)."""
-    if name.startswith("rwkv.embeddings."):
-        return "emb." + name[len("rwkv.embeddings.") :]
-    if name.startswith("rwkv.ln_out."):
-        return name[len("rwkv.") :]
-    if name == "head.weight":
-        return name
-    m = re.fullmatch(r"rwkv\.blocks\.(\d+)\.(.+)", name)
-    if m:
-        layer, rest = m.groups()
-        for ours, theirs in _BLOCK_RENAMES.items():
-            # vector names match whole; module names (ending in '.') match as prefixes of '.weight'/'.bias'
-            if rest == theirs or (theirs.endswith(".") and rest.startswith(theirs)):
-                return f"blocks.{layer}.{ours}{rest[len(theirs) :]}"
-    raise KeyError(f"no RWKV-LM name for Hugging Face parameter {name!r}")
+def arch_of_hf_config(hf_cfg: dict[str, Any]) -> str:
+    """Our architecture name for a config.json, by its model_type."""
+    model_type = hf_cfg.get("model_type")
+    for arch in HF_FORMAT_MODULES:
+        if hf_format(arch).MODEL_TYPE == model_type:
+            return arch
+    known = ", ".join(hf_format(a).MODEL_TYPE for a in HF_FORMAT_MODULES)
+    raise ValueError(f"model_type {model_type!r} is not one this pipeline converts ({known})")

@@ -193,3 +193,42 @@ def save_hf_dir(
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf_state_dict(sd).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+# ------------------------------------------------------------------ the interface launch.hf_format uses
+MODEL_TYPE = "rwkv7"
+VERIFIER_PACKAGE = "rwkv7_hf"
+
+
+def hf_tensor(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """One of our tensors as the HF model holds it (None for layer 0's unused v0/v1/v2)."""
+    key = to_hf_key(name)
+    return None if key is None else (key, _to_hf_tensor(name, t))
+
+
+def our_tensors(hf_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensors under our names (`from_hf_state_dict`); unknown ones keep their own names, to be
+    reported as unexpected."""
+    known = {to_hf_key(n) for n in _our_names(hf_tensors)}
+    ours = from_hf_state_dict({k: v for k, v in hf_tensors.items() if k in known})
+    ours.update({k: v for k, v in hf_tensors.items() if k not in known})
+    return ours
+
+
+def model_config_from_hf(hf_cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Our ModelConfig fields from a config.json and the tensors' shapes (under our names)."""
+    from train.models.rwkv7 import config_from_shapes
+
+    return {
+        **config_from_shapes(shapes),
+        "ctx_len": hf_cfg.get("max_position_embeddings", 4096),
+        "layer_norm_eps": hf_cfg.get("norm_eps", 1e-5),
+    }
+
+
+def load_hf_model(path: Path) -> torch.nn.Module:
+    """The directory in the `rwkv7_hf` reference model (a pure-PyTorch RWKV7ForCausalLM), fp32, eval
+    mode: `model(idx).logits`."""
+    from rwkv7_hf.modeling_rwkv7 import RWKV7ForCausalLM
+
+    return RWKV7ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

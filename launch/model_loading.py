@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from launch.checkpoint_io import CheckpointError, LoadedWeights, load_weights
-from launch.hf_format import from_hf_key
+from launch.hf_format import arch_of_hf_config, hf_format
 from train.config import ModelConfig
 from train.model import RWKV
 from train.models import ARCH_TITLES
@@ -82,7 +82,8 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, origi
 
 
 def load_hf_dir(path: Path) -> LoadedWeights:
-    """A directory written by ``launch.convert --to hf`` (config.json + model.safetensors)."""
+    """A directory written by ``launch.convert --to hf`` (config.json + model.safetensors), of any
+    architecture (config.json's model_type says which)."""
     from safetensors.torch import load_file
 
     st = path / "model.safetensors"
@@ -91,34 +92,24 @@ def load_hf_dir(path: Path) -> LoadedWeights:
         if not f.is_file():
             raise CheckpointError(f"{path}: not a Hugging Face model directory ({f.name} missing)")
     try:
+        hf_cfg = json.loads(cfg_file.read_text())
+        fmt = hf_format(arch_of_hf_config(hf_cfg))
+    except (ValueError, AttributeError) as e:  # JSON errors are ValueErrors
+        raise CheckpointError(f"{cfg_file}: not an RWKV config.json ({type(e).__name__}: {e})") from None
+    try:
         hf = load_file(str(st))
     except Exception as e:  # safetensors raises its own error types for damaged headers/truncation
         raise CheckpointError(f"{st}: cannot be read ({type(e).__name__}: {e})") from e
-    tensors = {_our_name(k): v for k, v in hf.items()}
     try:
-        hf_cfg = json.loads(cfg_file.read_text())
+        tensors = fmt.our_tensors(hf)
         sidecar = path / SIDECAR_NAME_HF
         run_config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         model_cfg = dict(run_config.get("model") or {})
-        model_cfg.update(
-            n_layer=hf_cfg["num_hidden_layers"],
-            n_embd=hf_cfg["hidden_size"],
-            vocab_size=hf_cfg["vocab_size"],
-            dim_ffn=hf_cfg.get("intermediate_size") or 4 * hf_cfg["hidden_size"],
-            ctx_len=hf_cfg.get("context_length", model_cfg.get("ctx_len", 1024)),
-            layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
-        raise CheckpointError(f"{cfg_file}: not an RWKV config.json ({type(e).__name__}: {e})") from None
+        model_cfg.update(fmt.model_config_from_hf(hf_cfg, {k: tuple(v.shape) for k, v in tensors.items()}))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a usable RWKV model directory ({type(e).__name__}: {e})") \
+            from None
     return LoadedWeights(tensors, model_cfg, run_config, f"Hugging Face directory {path}", base_dir=path)
-
-
-def _our_name(hf_name: str) -> str:
-    """Our name for an HF tensor; an unknown one keeps its own name, to be reported as unexpected."""
-    try:
-        return from_hf_key(hf_name)
-    except KeyError:
-        return hf_name
 
 
 def load_any_weights(

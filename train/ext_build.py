@@ -58,7 +58,12 @@ def cuda_arch_list() -> str:
 _PLAIN_ARCH = re.compile(r"^\d+\.\d+(\+PTX)?$")
 
 
-def arch_list_for_deepspeed(log=print) -> None:
+def _stderr(message: str) -> None:
+    """Build messages go to stderr: stdout may be a program's output (generated text, JSON)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def arch_list_for_deepspeed(log=_stderr) -> None:
     """Make $TORCH_CUDA_ARCH_LIST one that DeepSpeed's op builder can read, before it JIT-builds an op.
 
     Some CUDA images export arch-specific entries such as ``9.0a``; torch accepts them, but DeepSpeed
@@ -106,7 +111,7 @@ def build_root(build_dir: str | os.PathLike | None = None) -> Path:
 
 
 @contextmanager
-def exclusive_build(directory: Path, log=print) -> Iterator[None]:
+def exclusive_build(directory: Path, log=_stderr) -> Iterator[None]:
     """Hold an fcntl lock on ``<directory>.lock`` for the build; report who holds it while waiting.
 
     Filesystems without fcntl locks (some Lustre mounts) build without it, as torch alone would.
@@ -160,7 +165,7 @@ def _holder(lock_path: Path) -> str:
         return "another process"
 
 
-def remove_stale_torch_lock(directory: Path, log=print) -> bool:
+def remove_stale_torch_lock(directory: Path, log=_stderr) -> bool:
     """Remove torch's lock file from a directory we hold the build lock for: a killed build's leftover."""
     stale = directory / TORCH_LOCK_NAME
     if not stale.exists():
@@ -178,7 +183,7 @@ def build_extension(
     extra_ldflags: list[str] | None = None,
     build_dir: str | os.PathLike | None = None,
     include_dirs: list[Path] | None = None,
-    log=print,
+    log=_stderr,
 ) -> ModuleType:
     """JIT-build and import a torch extension with ninja, once per key, safely shared between processes.
 

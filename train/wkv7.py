@@ -7,15 +7,60 @@ Per batch and head, with N = 64 channels, state S (N x N) indexed [value i, key 
     y_t = S_t r_t
 
 ``wkv7_reference`` is the recurrence as a pure-PyTorch loop over T (autograd differentiates it); it is
-the oracle for the compiled kernels and the fallback backend.
+the oracle for the compiled kernels and the fallback backend. ``wkv7`` runs the compiled kernels of
+``cuda/`` (``wkv7_cuda.cu`` on CUDA tensors, its CPU twin ``wkv7_cpu.cpp`` otherwise; both run the row
+workers of ``wkv7_math.h``), built just in time and cached by ``train.ext_build`` as ``train.wkv``'s are.
+
+Backward scheme (as RWKV-LM's kernel): the forward stores S every 16 steps (and after the last) and
+sa_t = S_{t-1} a_t per step, in scratch from PyTorch's allocator; the backward walks t down, rebuilding
+S_{t-1} = (S_t - v_t k_t^T - sa_t b_t^T) diag(1/d_t) from the nearest checkpoint. Domain: that division
+is well conditioned for the model's decays, w = -softplus(-x) - 0.5 <= -0.5, i.e. d >= exp(-exp(-0.5))
+~ 0.545 (rounding grows at most ~1e4-fold within a 16-step chunk, far less in practice); decays near 0
+(w >> 0) lose accuracy in the kernels' gradients, not in the reference's.
+
+On a CUDA tensor ``auto`` means the CUDA kernel or an error with the compiler's message: a GPU never
+falls back to the Python loop.
 """
 
 from __future__ import annotations
 
-import torch
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
 
+import torch
+from torch.autograd.function import once_differentiable
+
+from train import ext_build
+from train.ext_build import ExtensionBuildError as WKVBuildError
+from train.wkv import CPU_CFLAGS, _device_of, _stream_args  # as RWKV-4's: flags, device and stream
+
+CUDA_SRC_DIR = Path(__file__).resolve().parent.parent / "cuda"
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 HEAD_SIZE = 64
+CHUNK_LEN = 16  # steps between the forward's state checkpoints (wkv7_math::CHUNK)
+KERNEL_DTYPES = {
+    "cuda": (torch.float32, torch.bfloat16),
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+}
+# No register cap (unlike RWKV-4's kernel): each thread keeps a 64-float row of the state in registers.
+CUDA_CFLAGS = ["-O3", "--use_fast_math", "-Xptxas=-O3"]
+
+# One entry per kind of extension: its sources and flags.
+_SPECS: dict[str, dict] = {
+    "cpu": {
+        "sources": ["wkv7_cpu.cpp"],
+        "extra_cflags": CPU_CFLAGS,
+        "extra_ldflags": ["-fopenmp"],
+    },
+    "cuda": {
+        "sources": ["wkv7_op.cpp", "wkv7_cuda.cu"],
+        "extra_cflags": ["-O3"],
+        "extra_cuda_cflags": CUDA_CFLAGS,
+    },
+}
 
 
 def _check_inputs(tensors: dict[str, torch.Tensor], state: torch.Tensor | None) -> None:
@@ -27,9 +72,18 @@ def _check_inputs(tensors: dict[str, torch.Tensor], state: torch.Tensor | None) 
             raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, r has {tuple(r.shape)}")
         if x.dtype != r.dtype:
             raise ValueError(f"wkv7: {name} is {x.dtype}, r is {r.dtype}")
+        if x.device != r.device:
+            raise ValueError(f"wkv7: {name} is on {x.device}, r on {r.device}")
+    if not r.is_floating_point():
+        raise ValueError(f"wkv7: inputs must be floating point, got {r.dtype}")
     B, _, H, N = r.shape
-    if state is not None and tuple(state.shape) != (B, H, N, N):
+    if state is None:
+        return
+    if tuple(state.shape) != (B, H, N, N):
         raise ValueError(f"wkv7: state must be {(B, H, N, N)}; got {tuple(state.shape)}")
+    if not state.is_floating_point() or state.device != r.device:
+        raise ValueError(f"wkv7: state must be a floating-point tensor on {r.device}; "
+                         f"got {state.dtype} on {state.device}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +124,111 @@ def wkv7_reference(
     return y.to(in_dtype), s
 
 
+# Built modules, and failed builds (re-raised rather than retried on every call), by configuration.
+_EXTENSIONS: dict[tuple, ModuleType | WKVBuildError] = {}
+_BUILD_LOCK = threading.Lock()
+
+
+def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> ModuleType:
+    """The WKV-7 extension of `kind` ("cpu": the CPU twin, "cuda": the CUDA kernel), built on first use.
+
+    build_dir: where (default $RWKV_WKV_BUILD_DIR, else torch's extensions cache); see train.ext_build.
+    """
+    if kind not in _SPECS:
+        raise ValueError(f"wkv7: unknown extension kind {kind!r} (expected one of {', '.join(_SPECS)})")
+    key = (kind, os.fspath(build_dir) if build_dir else None, CUDA_SRC_DIR)
+    with _BUILD_LOCK:
+        if key not in _EXTENSIONS:
+            spec = dict(_SPECS[kind])
+            sources = [CUDA_SRC_DIR / s for s in spec.pop("sources")]
+            try:
+                _EXTENSIONS[key] = ext_build.build_extension(
+                    f"wkv7_{kind}", sources, build_dir=build_dir, include_dirs=[CUDA_SRC_DIR], **spec
+                )
+            except WKVBuildError as e:
+                _EXTENSIONS[key] = e
+        entry = _EXTENSIONS[key]
+    if isinstance(entry, WKVBuildError):
+        raise entry
+    return entry
+
+
+class _WKV7Function(torch.autograd.Function):
+    """Inputs (r, w, k, v, a, b, state), outputs (y, final state); the kernels' scratch is saved for backward:
+    checkpoints of S every CHUNK_LEN steps ((B, H, ceil(T/16), N, N)) and sa ((B, T, H, N)), compute dtype."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state, ext):  # type: ignore[override]
+        B, T, H, N = r.shape
+        cdt = _compute_dtype(r.dtype)
+        xs = [x.detach().contiguous() for x in (r, w, k, v, a, b)]
+        s0 = state.detach().to(cdt).contiguous()
+        y = torch.empty_like(xs[0])
+        s_out = torch.empty_like(s0)
+        ckpt = torch.empty((B, H, -(-T // CHUNK_LEN), N, N), dtype=cdt, device=r.device)
+        sa = torch.empty((B, T, H, N), dtype=cdt, device=r.device)
+        with _device_of(r):
+            ext.forward(*xs, s0, y, s_out, ckpt, sa, *_stream_args(r))
+        ctx.save_for_backward(*xs, ckpt, sa)
+        ctx.ext, ctx.state_dtype = ext, state.dtype
+        return y, s_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gs):  # type: ignore[override]
+        *xs, ckpt, sa = ctx.saved_tensors
+        r = xs[0]
+        B, T, H, N = r.shape
+        # Either output may have had no gradient: autograd passes None (or zeros, materialised).
+        gy = torch.zeros_like(r) if gy is None else gy.to(r.dtype).contiguous()
+        gs = torch.zeros((B, H, N, N), dtype=ckpt.dtype, device=r.device) if gs is None else gs
+        gs = gs.to(ckpt.dtype).contiguous()
+        grads = [torch.empty_like(x) for x in xs]
+        gs_in = torch.empty_like(gs)
+        with _device_of(r):
+            ctx.ext.backward(*xs, gy, ckpt, sa, gs, gs_in, *grads, *_stream_args(r))
+        return (*grads, gs_in.to(ctx.state_dtype), None)
+
+
+def _kernel_for(r: torch.Tensor, backend: str, build_dir) -> ModuleType | None:
+    """The extension to run r on, or None for the reference (only where that is allowed).
+
+    auto: the CUDA kernel on CUDA tensors (a build failure or an unsupported dtype or head size is an
+    error: a GPU never falls back to the Python loop), the CPU twin on CPU tensors (falling back to the
+    reference with a RuntimeWarning if it cannot be built or does not take the input), the reference
+    elsewhere (with a warning).
+    """
+    kind = "cuda" if r.is_cuda else ("cpu" if r.device.type == "cpu" else None)
+    if backend == "cuda" and kind != "cuda":
+        raise ValueError(f"wkv7: backend 'cuda' needs CUDA tensors, got {r.device}")
+    if backend == "cpu" and kind != "cpu":
+        raise ValueError(f"wkv7: backend 'cpu' needs CPU tensors, got {r.device}")
+    if kind is None:
+        warnings.warn(f"wkv7: no WKV-7 kernel for {r.device}; using the slow pure-PyTorch reference",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    problem = None
+    if r.dtype not in KERNEL_DTYPES[kind]:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES[kind])
+        problem = f"the {kind} kernel takes {allowed} inputs, got {r.dtype}"
+    elif r.shape[-1] != HEAD_SIZE:
+        problem = f"the {kind} kernel is built for head size N = {HEAD_SIZE}, got N = {r.shape[-1]}"
+    if problem is not None:
+        if backend == "auto" and kind == "cpu":
+            warnings.warn(f"wkv7: {problem}; using the slow pure-PyTorch reference", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        raise ValueError(f"wkv7: {problem}; use backend='reference'")
+    try:
+        return load_extension(kind, build_dir)
+    except WKVBuildError as e:
+        if backend != "auto" or kind == "cuda":
+            raise
+        warnings.warn(f"wkv7: using the slow pure-PyTorch reference because {e}", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
 def wkv7(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -79,13 +238,29 @@ def wkv7(
     b: torch.Tensor,
     state: torch.Tensor | None = None,
     backend: str = "auto",
+    build_dir: str | os.PathLike | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 over (B, T, H, N) inputs from `state` ((B, H, N, N) fp32, zeros when None).
 
     Returns y (the inputs' dtype) and the final state (fp32; fp64 for fp64 inputs); differentiable
-    in all six inputs and the initial state. backend: auto | cuda | cpu | reference.
+    in all six inputs and the initial state, and takes a gradient on the final state (segments chained
+    through it). Any T >= 0. backend: "cuda" (CUDA tensors, fp32/bf16, N = 64), "cpu" (the CPU twin,
+    fp32/bf16/fp64, N = 64), "reference" (pure PyTorch, any N), or "auto" (see ``_kernel_for``).
+    The kernels' domain is the model's decays (w <= -0.5; see the module docstring).
+    build_dir: where extensions are built (else $RWKV_WKV_BUILD_DIR, else torch's extensions cache).
     """
     if backend not in BACKENDS:
         raise ValueError(f"wkv7: unknown backend {backend!r}; choose one of {BACKENDS}")
-    # The compiled CUDA kernel and CPU twin land next; until then every backend runs the reference.
-    return wkv7_reference(r, w, k, v, a, b, state)
+    _check_inputs({"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}, state)
+    if backend == "reference":
+        return wkv7_reference(r, w, k, v, a, b, state)
+    ext = _kernel_for(r, backend, build_dir)
+    if ext is None:
+        return wkv7_reference(r, w, k, v, a, b, state)
+    B, T, H, N = r.shape
+    cdt = _compute_dtype(r.dtype)
+    if state is None:
+        state = torch.zeros((B, H, N, N), dtype=cdt, device=r.device)
+    if T == 0:  # nothing to run: the state passes through (with its gradient)
+        return r.new_empty(r.shape), state.to(cdt).clone()
+    return _WKV7Function.apply(r, w, k, v, a, b, state, ext)

@@ -35,6 +35,7 @@ Two modes:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -430,28 +431,33 @@ def _init_vector(kind: str, param: str, layer_id: int, cfg: ModelConfig) -> np.n
     raise KeyError(f"no initial vector for {kind}.{param}")
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, int | str]:
+def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, int | str]:
     """The ModelConfig shape fields of an RWKV-7 state dict in RWKV-LM names (a released .pth, ours):
     arch, n_layer, n_embd, vocab_size, head_size, dim_att, dim_ffn and the four LoRA widths, read from
     tensor shapes. `ModelConfig(**config_from_state_dict(sd))` builds the model it loads into."""
-    if "blocks.0.att.r_k" not in sd:
+    return config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
+
+
+def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int | str]:
+    """`config_from_state_dict` from the tensors' shapes alone (what a checkpoint reader has)."""
+    if "blocks.0.att.r_k" not in shapes:
         raise KeyError("not an RWKV-7 (x070) state dict: no blocks.0.att.r_k")
-    layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    vocab_size, n_embd = sd["emb.weight"].shape
-    n_head, head_size = sd["blocks.0.att.r_k"].shape[-2:]
-    v1 = sd.get("blocks.0.att.v1", sd.get("blocks.1.att.v1"))
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")}
+    vocab_size, n_embd = shapes["emb.weight"]
+    n_head, head_size = shapes["blocks.0.att.r_k"][-2:]
+    v1 = shapes.get("blocks.0.att.v1", shapes.get("blocks.1.att.v1"))
     return {
         "arch": "rwkv7",
         "n_layer": max(layers) + 1,
         "n_embd": int(n_embd),
         "vocab_size": int(vocab_size),
         "head_size": int(head_size),
-        "dim_att": int(sd["blocks.0.att.receptance.weight"].shape[0]),
-        "dim_ffn": int(sd["blocks.0.ffn.key.weight"].shape[0]),
-        "dim_w_lora": int(sd["blocks.0.att.w1"].shape[1]),
-        "dim_a_lora": int(sd["blocks.0.att.a1"].shape[1]),
-        "dim_v_lora": int(v1.shape[1]) if v1 is not None else 32,
-        "dim_g_lora": int(sd["blocks.0.att.g1"].shape[1]),
+        "dim_att": int(shapes["blocks.0.att.receptance.weight"][0]),
+        "dim_ffn": int(shapes["blocks.0.ffn.key.weight"][0]),
+        "dim_w_lora": int(shapes["blocks.0.att.w1"][1]),
+        "dim_a_lora": int(shapes["blocks.0.att.a1"][1]),
+        "dim_v_lora": int(v1[1]) if v1 is not None else 32,
+        "dim_g_lora": int(shapes["blocks.0.att.g1"][1]),
     }
 
 
