@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,6 @@ from train.model import RWKV
 from train.models import ARCH_MODULES
 from train.segments import detach, leaves, segment_slices, train_window
 from train.wkv import wkv_state
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 TOL = 1e-10
 
