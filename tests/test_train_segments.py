@@ -89,13 +89,17 @@ def test_segmented_training_runs_and_resumes_mid_window_exactly(demo_shards, tmp
 
 def test_rwkv7_segments_under_zero3(demo_shards, tmp_path):
     """RWKV-7 with full BPTT under ZeRO-3: the stateful forward goes through the engine, whose hooks
-    gather each module's partitioned parameters, and the loss falls."""
+    gather each module's partitioned parameters, and the loss falls. A NaN injected in step 3's window
+    (every segment of rank 0's first window) skips that step, as without segments."""
     run_dir = tmp_path / "rwkv7"
     text = _run(_cmd(2, run_dir, demo_shards, *SEGMENTED, "model.preset=rwkv7-tiny", "train.zero_stage=3",
-                     "train.steps=8", "eval.every=4", "checkpoint.every=0"), tmp_path / "rwkv7.log")
+                     "train.steps=8", "eval.every=4", "checkpoint.every=0", "train.fault_nan_steps=[3]"),
+                tmp_path / "rwkv7.log")
     assert "ZeRO stage 3" in text and f"window {SEQ} = 4 segments" in text
+    assert "non-finite loss at step 3" in text
+    assert any(r.get("skipped_nonfinite") for r in _records(run_dir) if r["step"] == 3)
     recs = _train_records(run_dir)
-    assert sorted(recs) == list(range(1, 9))
+    assert sorted(recs) == [1, 2, 4, 5, 6, 7, 8]
     assert recs[8]["loss"] < recs[1]["loss"] - 0.5 and all(r["grad_norm"] > 0 for r in recs.values())
     vals = [r for r in _records(run_dir) if "val_loss" in r]
     assert len(vals) == 2 and set(vals[0]["val_loss_by_position"]) == {"0-8", "8-32", "32-128"}
