@@ -88,7 +88,7 @@ def main() -> None:
     t_ext = statistics.median(r[0] for r in ext_runs)
     (_, y_ref, g_ref), (_, y_ext, g_ext) = ref_runs[-1], ext_runs[-1]
     print(f"  reference (PyTorch loop over T): {t_ref * 1e3:9.1f} ms (median of {len(ref_runs)})")
-    print(f"  CPU extension (wkv_math.h):      {t_ext * 1e3:9.1f} ms (median of {len(ext_runs)})")
+    print(f"  CPU extension (wkv4_math.h):      {t_ext * 1e3:9.1f} ms (median of {len(ext_runs)})")
     diffs = [(y_ext.float() - y_ref.float()).abs().max().item()]
     diffs += [
         ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()

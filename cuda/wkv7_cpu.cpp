@@ -14,7 +14,7 @@ constexpr int N = 64;  // the head size (as the CUDA kernels)
 using wkv7_math::CHUNK;
 
 // Runtime dispatch to the widest vector unit present (AVX-512, AVX2, else baseline x86-64), so one cached
-// build is both fast and safe on any host (as wkv_cpu.cpp).
+// build is both fast and safe on any host (as wkv4_cpu.cpp).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define WKV7_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -1,6 +1,6 @@
 """WKV operator on CPU: the reference against a direct sum, the compiled CPU twin against the reference.
 
-The CPU extension runs the same functions (cuda/wkv_math.h) as the CUDA kernel, so these tests check the
+The CPU extension runs the same functions (cuda/wkv4_math.h) as the CUDA kernel, so these tests check the
 kernel math itself: exact fp64 gradcheck, fp32/bf16 accuracy on realistic ranges, chunked = unchunked.
 """
 

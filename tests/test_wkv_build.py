@@ -23,10 +23,10 @@ from train.wkv import CUDA_CFLAGS, CUDA_SRC_DIR, WKVBuildError, build_extension,
 # Each CUDA source: the flags its wkv module builds it with, and how many kernels ptxas must report per
 # architecture (RWKV-4: forward and backward for fp32, bf16 and fp16; WKV-7: the same for fp32 and bf16).
 CUDA_SOURCES = {
-    "wkv_cuda.cu": (CUDA_CFLAGS, 6),
+    "wkv4_cuda.cu": (CUDA_CFLAGS, 6),
     "wkv7_cuda.cu": (wkv7_mod.CUDA_CFLAGS, 4),
 }
-BINDINGS = ("wkv_op.cpp", "wkv7_op.cpp")
+BINDINGS = ("wkv4_op.cpp", "wkv7_op.cpp")
 
 
 def find_nvcc() -> str | None:
@@ -144,7 +144,7 @@ def test_failed_build_raises_for_explicit_backend_and_warns_under_auto(tmp_path,
     """A broken CPU twin: backend='cpu' raises with the compiler output; 'auto' warns, uses the reference."""
     broken_dir = tmp_path / "cuda"
     broken_dir.mkdir()
-    (broken_dir / "wkv_cpu.cpp").write_text(BROKEN_SOURCE)
+    (broken_dir / "wkv4_cpu.cpp").write_text(BROKEN_SOURCE)
     monkeypatch.setattr(wkv_mod, "CUDA_SRC_DIR", broken_dir)
     build_dir = tmp_path / "build"  # a build directory of its own: also a cache key of its own
 
@@ -246,7 +246,7 @@ HOST_PROGRAM = r"""
 // print y (T*C) and the final state.
 #include <cstdio>
 #include <vector>
-#include "wkv_math.h"
+#include "wkv4_math.h"
 int main() {
     int T, C;
     if (std::scanf("%d %d", &T, &C) != 2) return 1;
@@ -263,7 +263,7 @@ int main() {
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no host C++ compiler")
 def test_header_builds_and_runs_with_plain_cxx(tmp_path):
-    """wkv_math.h needs neither nvcc nor torch: a plain C++ program gives the reference's numbers."""
+    """wkv4_math.h needs neither nvcc nor torch: a plain C++ program gives the reference's numbers."""
     src, exe = tmp_path / "host.cpp", tmp_path / "host"
     src.write_text(HOST_PROGRAM)
     cc = subprocess.run(

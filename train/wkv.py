@@ -146,12 +146,12 @@ CUDA_CFLAGS = ["-O3", "--use_fast_math", "--maxrregcount=60", "-Xptxas=-O3"]
 # host; the CUDA kernel fp32/bf16/fp16 on the GPU). Neither has a bound on T per call.
 _SPECS: dict[str, dict] = {
     "cpu": {
-        "sources": ["wkv_cpu.cpp"],
+        "sources": ["wkv4_cpu.cpp"],
         "extra_cflags": CPU_CFLAGS,
         "extra_ldflags": ["-fopenmp"],
     },
     "cuda": {
-        "sources": ["wkv_op.cpp", "wkv_cuda.cu"],
+        "sources": ["wkv4_op.cpp", "wkv4_cuda.cu"],
         "extra_cflags": ["-O3"],
         "extra_cuda_cflags": CUDA_CFLAGS,
     },

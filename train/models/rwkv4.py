@@ -422,7 +422,7 @@ def activation_values_per_layer(cfg: ModelConfig) -> int:
 
 
 def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:
-    """The CUDA WKV backward's scratch: one (2, B, T, C) fp32 tensor per call, T = chunk (wkv_op.cpp)."""
+    """The CUDA WKV backward's scratch: one (2, B, T, C) fp32 tensor per call, T = chunk (wkv4_op.cpp)."""
     steps = min(cfg.wkv_chunk_len or ctx_len, ctx_len)
     return 2 * 4 * micro_batch * steps * cfg.dim_att
 

@@ -500,6 +500,26 @@ def wkv_flops_per_token(cfg: ModelConfig) -> float:
     return WKV7_FLOPS_FWD_BWD_PER_CHANNEL_PER_N * cfg.head_size * cfg.dim_att * cfg.n_layer
 
 
+def activation_values_per_layer(cfg: ModelConfig) -> int:
+    """16-bit values a layer keeps per token for the backward, without checkpointing: 49 n_embd plus
+    the four LoRA widths (measured with saved-tensor hooks, tests/test_estimate.py).
+
+    Time mixing: ln1 out, the shift, six mixes, r/k/v/w/a/g and their activations, kk and the
+    modified k, the value-residual gate, ln_x in/out, the gate product (about 28 n_embd), plus the
+    WKV-7 kernel's own saves: a state checkpoint every 16 steps (N^2 / 16 fp32 per head and token,
+    16 bytes per channel at N = 64) and S a per step (4 bytes per channel): 10 n_embd in 16-bit
+    units. Channel mixing: ln2 out, the shift, the mix, and three 4 n_embd tensors around relu^2.
+    """
+    return 49 * cfg.n_embd + _lora_sum(cfg)
+
+
+def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:
+    """Transient memory of the WKV-7 backward beyond the input gradients: none (its state checkpoints
+    and S a are saved by the forward and counted in `activation_values_per_layer`)."""
+    del cfg, ctx_len, micro_batch
+    return 0
+
+
 def lr_scale(name: str, layerwise_lr: bool) -> float:
     """RWKV-LM v7 configure_optimizers: att.w0 2x, the rest 1x (all 1x without layerwise_lr)."""
     if layerwise_lr and "att.w0" in name:

@@ -1,5 +1,5 @@
-// Torch binding of the WKV CUDA kernels (wkv_cuda.cu): fp32, bf16 and fp16 I/O, fp32 state and gradients of
-// w, u. Same interface as the CPU twin (wkv_cpu.cpp) plus the CUDA stream, which train/wkv.py passes in (as an
+// Torch binding of the WKV CUDA kernels (wkv4_cuda.cu): fp32, bf16 and fp16 I/O, fp32 state and gradients of
+// w, u. Same interface as the CPU twin (wkv4_cpu.cpp) plus the CUDA stream, which train/wkv.py passes in (as an
 // integer, with the tensors' device current) so this file needs only the CUDA runtime's headers and can be
 // compile-checked against a CPU build of torch.
 #include <cuda_runtime_api.h>

@@ -1,11 +1,11 @@
-// CPU twin of the WKV CUDA kernel: runs the same functions of wkv_math.h on the host,
+// CPU twin of the WKV CUDA kernel: runs the same functions of wkv4_math.h on the host,
 // parallel over (batch, block of channels) with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <vector>
 
-#include "wkv_math.h"
+#include "wkv4_math.h"
 
 namespace {
 

@@ -1,6 +1,6 @@
 // WKV (RWKV-4 time mixing) forward and backward, written once for nvcc and for the host compiler.
 //
-// The math is RWKV-LM v4neo's kernel (RWKV-v4neo/cuda/wkv_cuda.cu and wkv_cuda_bf16.cu): per channel,
+// The math is RWKV-LM v4neo's kernel (RWKV-v4neo/cuda/wkv4_cuda.cu and wkv_cuda_bf16.cu): per channel,
 // with w = -exp(time_decay) and u = time_first,
 //     y_t = (A_t + e^{u+k_t} v_t) / (B_t + e^{u+k_t}),  A_{t+1} = e^w A_t + e^{k_t} v_t,  B likewise with v = 1,
 // where A = aa * e^pp and B = bb * e^pp are kept scaled by a running maximum exponent pp, so nothing
@@ -21,7 +21,7 @@
 #if defined(__CUDACC__)
 #define WKV_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
-// Always inlined, so a caller compiled for a wider instruction set (see wkv_cpu.cpp) vectorises them.
+// Always inlined, so a caller compiled for a wider instruction set (see wkv4_cpu.cpp) vectorises them.
 #define WKV_HD inline __attribute__((always_inline))
 #else
 #define WKV_HD inline

@@ -1,4 +1,4 @@
-// WKV CUDA kernels: one thread per (batch, channel), running the functions of wkv_math.h with one lane.
+// WKV CUDA kernels: one thread per (batch, channel), running the functions of wkv4_math.h with one lane.
 // The backward's per-step scratch (RWKV-LM's q[], r[]) lives in a (2, B, T, C) float buffer that the binding
 // takes from PyTorch's caching allocator, laid out so that adjacent threads touch adjacent words. There is
 // no compile-time T_MAX and no per-thread local array (which the driver would reserve for every resident
@@ -7,7 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "wkv_math.h"
+#include "wkv4_math.h"
 
 namespace {
 
