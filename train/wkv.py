@@ -16,7 +16,7 @@ State gradients. The state (aa, bb, pp) stands for the decayed sums A = aa * e^p
 is a normaliser (a running maximum exponent) and carries no gradient. ``wkv_state`` returns
 dL/daa_0, dL/dbb_0 of the input state (zero for pp) taking the incoming dL/daa_T, dL/dbb_T of the
 output state with pp_T held fixed; chained from one call to the next this is the exact gradient of
-the whole sequence (the kernels work on A and B, see cuda/wkv_math.h), and the reference computes
+the whole sequence (the kernels work on A and B, see cuda/wkv4_math.h), and the reference computes
 the same by autograd with every normaliser detached.
 
 On a CUDA tensor ``auto`` means the CUDA kernel or an error with the compiler's message: a GPU never
