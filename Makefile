@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/convert_memory.py --preset 169m
 	$(PY) bench/zero_init.py
+	$(PY) bench/infctx.py
 
 # The GPU acceptance run: on the machine's own torch from the source tree (no .venv, no network).
 GPU_PYTHON ?= python3

@@ -3,6 +3,9 @@ and waits there to be killed, so that a test's kill lands where the test means i
 
     RWKV_TEST_PAUSE_AFTER_STEP=N    train: rank 0 stops once it has logged step N's training record
                                     (the other ranks then wait in their next collective).
+    RWKV_TEST_PAUSE_IN_WINDOW=N,K   train: rank 0 stops inside its N-th window (counted from 1 in this
+                                    process), after the backward of its K-th segment, first touching
+                                    the file $RWKV_TEST_PAUSE_FLAG if set (the kill then lands mid-window).
     RWKV_TEST_PAUSE_AFTER_SHARDS=N  data_prep: the process that writes a shard's state file stops
                                     once N shards are finished (each process that writes one after).
 
@@ -40,6 +43,30 @@ if "RWKV_TEST_PAUSE_AFTER_STEP" in os.environ:
             _wait_to_be_killed()
 
     metrics.MetricsWriter.write = _write_then_pause
+
+if "RWKV_TEST_PAUSE_IN_WINDOW" in os.environ:
+    from train import segments
+
+    _WINDOW, _SEGMENT = (int(x) for x in os.environ["RWKV_TEST_PAUSE_IN_WINDOW"].split(","))
+    _train_window = segments.train_window
+    _windows = [0]
+
+    def _train_window_with_pause(forward, idx, targets, ctx_len, bptt, loss_fn, backward, *args, **kwargs):
+        _windows[0] += 1
+        calls = [0]
+
+        def backward_then_pause(objective):
+            backward(objective)
+            calls[0] += 1
+            if _windows[0] == _WINDOW and calls[0] == _SEGMENT and os.environ.get("RANK", "0") == "0":
+                if os.environ.get("RWKV_TEST_PAUSE_FLAG"):
+                    Path(os.environ["RWKV_TEST_PAUSE_FLAG"]).touch()
+                _wait_to_be_killed()
+
+        return _train_window(forward, idx, targets, ctx_len, bptt, loss_fn, backward_then_pause,
+                             *args, **kwargs)
+
+    segments.train_window = _train_window_with_pause
 
 if "RWKV_TEST_PAUSE_AFTER_SHARDS" in os.environ:
     from data_prep import pipeline

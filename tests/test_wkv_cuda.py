@@ -115,3 +115,29 @@ def test_backward_takes_no_memory_outside_pytorch():
     scratch = wkv_scratch_bytes(ModelConfig(n_layer=1, n_embd=C, ctx_len=T), T, B)
     extra = torch.cuda.max_memory_allocated() - base
     assert scratch <= extra <= scratch + 2 * 2 * B * T * C + 64 * 2**20, (scratch, extra)
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_cuda_state_gradients_match_reference(chunk):
+    """wkv_state on the CUDA kernel (fp32): y, the output state and every gradient, the input state's
+    included, against the fp64 reference's autograd (pp held fixed, see train.wkv)."""
+    from train.wkv import wkv_state
+
+    load_extension("cuda")
+    B, T, C = 2, 300, 64
+    inputs = inputs_on_cuda(B, T + 50, C, torch.float32)
+    with torch.no_grad():  # a carried state: the history of 50 earlier steps
+        _, s0 = wkv_state(inputs[0], inputs[1], inputs[2][:, :50], inputs[3][:, :50], backend="cuda")
+    td, tf, k, v = inputs[0], inputs[1], inputs[2][:, 50:], inputs[3][:, 50:]
+    g = torch.Generator().manual_seed(2)
+    gy = torch.randn(B, T, C, generator=g).cuda()
+    ga, gb = (torch.randn(B, C, generator=g).cuda() for _ in range(2))
+
+    def run(backend, dtype):
+        ins = [x.detach().to(dtype).requires_grad_() for x in (td, tf, k, v, s0)]
+        y, s = wkv_state(*ins[:4], ins[4], backend=backend, chunk_len=chunk)
+        ((y * gy.to(dtype)).sum() + (s[0] * ga.to(dtype)).sum() + (s[1] * gb.to(dtype)).sum()).backward()
+        return [y, s[:2]] + [x.grad for x in ins]
+
+    for got, want in zip(run("cuda", torch.float32), run("reference", torch.float64), strict=True):
+        assert rel_err(got, want) < 1e-4

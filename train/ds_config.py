@@ -56,8 +56,11 @@ def fill_ds_config(
     ds = copy.deepcopy(ds)
     t, o = cfg.train, cfg.optim
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train_micro_batch_size_per_gpu", origin)
-    _fill(ds, "gradient_accumulation_steps", t.grad_accum, "gradient_accumulation_steps", origin)
-    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size, "train_batch_size", origin)
+    # Each segment of a window is one DeepSpeed micro-step (train/segments.py): the engine divides every
+    # segment's loss by grad_accum x segments and steps once per grad_accum windows.
+    gas = t.grad_accum * t.n_segments
+    _fill(ds, "gradient_accumulation_steps", gas, "gradient_accumulation_steps", origin)
+    _fill(ds, "train_batch_size", t.micro_batch_size * gas * world_size, "train_batch_size", origin)
     _fill(ds, "gradient_clipping", float(t.grad_clip), "gradient_clipping", origin)
 
     for name in ("bf16", "fp16"):

@@ -124,7 +124,10 @@ class MetricsWriter:
         if self.tb is not None:
             step = int(record["step"])
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if key == "val_loss_by_position":  # val/loss_by_position/0-1k, ...
+                    for bucket, v in value.items():
+                        self.tb.add_scalar(f"val/loss_by_position/{bucket}", v, step)
+                elif key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
 
     def close(self) -> None:

@@ -54,7 +54,11 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    ctx_len: int = 256  # tokens per training window (each sample reads ctx_len + 1)
+    ctx_len: int = 256  # tokens in memory at once: the window, or its segment when seq_len is longer
+    # tokens per training window (each sample reads seq_len + 1); 0 -> ctx_len. A multiple of ctx_len:
+    # the window is trained in seq_len / ctx_len segments, the RWKV state carried across them
+    seq_len: int = 0
+    bptt: str = "full"  # across segments: full (exact gradient, segments recomputed) | truncated (detached)
     micro_batch_size: int = 4  # per process
     grad_accum: int = 1
     steps: int = 100  # optimizer steps
@@ -66,6 +70,15 @@ class TrainSection:
     l2wrap: bool = True  # RWKV-LM's L2Wrap logit regulariser
     max_nan_skips: int = 3  # non-finite losses skipped before the run stops with an error
     fault_nan_steps: list[int] = field(default_factory=list)  # fault injection: NaN in these steps' forward
+
+    @property
+    def window(self) -> int:
+        """Tokens per training window (seq_len, or ctx_len when seq_len is 0)."""
+        return self.seq_len or self.ctx_len
+
+    @property
+    def n_segments(self) -> int:
+        return self.window // self.ctx_len
 
 
 @dataclass
@@ -127,7 +140,7 @@ class RunConfig:
 
     def tokens_per_step(self, world_size: int) -> int:
         t = self.train
-        return t.micro_batch_size * t.grad_accum * world_size * t.ctx_len
+        return t.micro_batch_size * t.grad_accum * world_size * t.window
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -288,6 +301,15 @@ def validate(cfg: RunConfig) -> None:
     for name in ("ctx_len", "micro_batch_size", "grad_accum", "steps"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"{where}: train.{name} must be positive, got {getattr(t, name)}")
+    if t.seq_len < 0 or t.seq_len % t.ctx_len:
+        raise ConfigError(f"{where}: train.seq_len {t.seq_len} must be a multiple of train.ctx_len "
+                          f"{t.ctx_len} (or 0: the window is ctx_len)")
+    if t.bptt not in ("full", "truncated"):
+        raise ConfigError(f"{where}: train.bptt must be full or truncated, got {t.bptt!r}")
+    if t.n_segments > 1 and t.bptt == "full" and t.precision == "fp16":
+        raise ConfigError(f"{where}: train.bptt full across segments needs bf16 or fp32: fp16's dynamic loss "
+                          "scale would have to carry into the state gradients between segments; use "
+                          "train.precision bf16 (or train.bptt truncated)")
     if o.name not in ("adam", "torch_adamw"):
         raise ConfigError(f"{where}: optim.name must be adam or torch_adamw, got {o.name!r}")
     if o.decay not in ("cosine", "exponential", "constant"):

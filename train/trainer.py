@@ -17,19 +17,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from train import checkpointing, distributed, ext_build, to_universal
+from train import checkpointing, distributed, ext_build, to_universal, val_positions
 from train.config import ModelConfig
 from train.data import TokenWindows, WeightedMixture, open_windows
 from train.ds_config import fill_ds_config, load_ds_config
-from train.loss import cross_entropy, lm_loss
+from train.loss import lm_loss
 from train.metrics import MetricsWriter, mfu, peak_tflops, truncate_metrics
-from train.models import ARCH_TITLES
+from train.models import ARCH_TITLES, architecture
 from train.nonfinite import GradientGate, optimizer_update_skipped
 from train.optim import apply_lr, param_groups, torch_adamw
 from train.prefetch import BatchPrefetcher
 from train.run_config import ConfigError, RunConfig, dump_yaml, resolve_path
 from train.schedule import lr_at
+from train.segments import engine_forward, train_window
+from train.val_positions import PositionLoss
 
 
 class TrainingError(RuntimeError):
@@ -52,7 +55,7 @@ def resolve_model_config(cfg: RunConfig, tokenizer_vocab: int) -> ModelConfig:
     if overrides.get("vocab_size", "auto") == "auto":
         overrides["vocab_size"] = tokenizer_vocab
     if overrides.get("ctx_len", "auto") == "auto":
-        overrides["ctx_len"] = cfg.train.ctx_len
+        overrides["ctx_len"] = cfg.train.window  # the context the model is trained at
     try:
         mc = ModelConfig.from_preset(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as e:
@@ -90,8 +93,12 @@ def plan(cfg: RunConfig, world_size: int) -> Plan:
     """All checks that need neither processes nor a model instance."""
     resolve_batch(cfg, world_size)
     manifests = [resolve_path(m, cfg) for m in cfg.data.manifests]
-    data = open_windows(manifests, cfg.train.ctx_len, cfg.data.val_documents, cfg.data.seed, cfg.data.weights)
+    data = open_windows(manifests, cfg.train.window, cfg.data.val_documents, cfg.data.seed, cfg.data.weights)
     model_cfg = resolve_model_config(cfg, data.vocab_size)
+    if cfg.train.n_segments > 1 and not hasattr(architecture(model_cfg.arch).Model, "forward_with_state"):
+        raise ConfigError(f"{cfg.source}: train.seq_len {cfg.train.seq_len} > train.ctx_len needs a model "
+                          f"that carries its state across segments; {model_cfg.arch} has no "
+                          "forward_with_state")
     data.limit_vocab(model_cfg.vocab_size)  # token ids past the embedding: refused, not an IndexError
     cfg.model.overrides = {
         k: v for k, v in model_cfg.to_dict().items() if k != "preset"
@@ -301,8 +308,10 @@ class Trainer:
                     + (" + optimizer offload" if t.offload_optimizer else "")
                     + f", precision {t.precision}, optimizer {cfg.optim.name}",
                     f"tokens/step {tps:,} = micro {t.micro_batch_size} x grad_accum {t.grad_accum} x "
-                    f"world {self.world} x ctx {t.ctx_len}; {t.steps} steps = {tps * t.steps:,} tokens",
-                    *self._data_banner(tps * t.steps // t.ctx_len),
+                    f"world {self.world} x window {t.window}; {t.steps} steps = {tps * t.steps:,} tokens",
+                    *([f"window {t.window} = {t.n_segments} segments of ctx_len {t.ctx_len}, the state "
+                       f"carried across them, bptt {t.bptt}"] if t.n_segments > 1 else []),
+                    *self._data_banner(tps * t.steps // t.window),
                     "=" * 72,
                 ]
             )
@@ -322,7 +331,7 @@ class Trainer:
         data = self.plan.data
         if not isinstance(data, WeightedMixture):
             return {}
-        return {"tokens_by_source": data.tokens_by_source(p.tokens // self.cfg.train.ctx_len)}
+        return {"tokens_by_source": data.tokens_by_source(p.tokens // self.cfg.train.window)}
 
     # ------------------------------------------------------------------------------- run setup
     def _setup_run(self) -> Progress:
@@ -348,6 +357,7 @@ class Trainer:
         self.tokens_per_step = cfg.tokens_per_step(self.world)
         self.decay_tokens = o.decay_tokens or max(1, t.steps * self.tokens_per_step - o.warmup_tokens)
         self.flops_per_token = self.plan.model_cfg.flops_per_token(t.ctx_len)
+        self.forward_with_state = engine_forward(self.engine, self.engine.module)
         self.peak = peak_tflops(cfg.log.peak_tflops, self.device, t.precision)
         if self.peak is None:
             name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
@@ -390,15 +400,21 @@ class Trainer:
         for micro in range(t.grad_accum):
             batch = self.batches.get(step * t.grad_accum + micro)
             self._fault_now = self.rank == 0 and micro == 0 and (step + 1) in t.fault_nan_steps
-            logits = engine(batch[:, :-1])
+            if t.n_segments == 1:
+                logits = engine(batch[:, :-1])
+                self._fault_now = False
+                loss, ce = lm_loss(logits, batch[:, 1:], t.l2wrap)
+                finite = self.gate.set(ce)
+                loss_sum += torch.where(finite, ce.detach().double(), 0.0)
+                n_bad += (~finite).double()
+                engine.backward(loss)
+                if micro < t.grad_accum - 1:
+                    engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+                continue
+            ce_window, window_bad = self._train_window(batch, last=micro == t.grad_accum - 1)
             self._fault_now = False
-            loss, ce = lm_loss(logits, batch[:, 1:], t.l2wrap)
-            finite = self.gate.set(ce)
-            loss_sum += torch.where(finite, ce.detach().double(), 0.0)
-            n_bad += (~finite).double()
-            engine.backward(loss)
-            if micro < t.grad_accum - 1:
-                engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+            loss_sum += torch.where(window_bad > 0, 0.0, ce_window)
+            n_bad += (window_bad > 0).double()
         signals = torch.tensor([float(self.stop.signum == s) for s in _StopRequest.SIGNALS],
                                dtype=torch.float64, device=self.device)
         total, bad, *signalled = _all_reduce_sum(torch.cat([torch.stack([loss_sum, n_bad]), signals]))
@@ -410,6 +426,32 @@ class Trainer:
             return StepResult(None, True, int(bad), int(signum), None)
         engine.step()
         return StepResult(total / (self.world * t.grad_accum), False, 0, int(signum), _grad_norm(engine))
+
+    def _train_window(self, batch: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One window in segments, each a DeepSpeed micro-step (train/segments.py); returns (mean loss
+        over the window, non-finite segments) as device tensors. last: the step's final window, whose
+        final micro-step the caller's engine.step() completes."""
+        t, engine = self.cfg.train, self.engine
+        n_bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        calls = [0]
+
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, ce = lm_loss(logits, targets, t.l2wrap)
+            # With full BPTT a bad segment's state gradient taints the earlier ones: the gate stays shut.
+            finite = torch.isfinite(ce.detach()) & (n_bad == 0)
+            self.gate.ok = finite
+            n_bad.add_((~finite).double())
+            return loss, ce
+
+        def backward(objective: torch.Tensor) -> None:
+            engine.backward(objective)
+            calls[0] += 1
+            if not (last and calls[0] == t.n_segments):
+                engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+
+        losses = train_window(self.forward_with_state, batch[:, :-1], batch[:, 1:], t.ctx_len, t.bptt,
+                              loss_fn, backward, grad_scale=1.0 / engine.gradient_accumulation_steps())
+        return torch.stack(losses).double().mean(), n_bad
 
     # ------------------------------------------------------------------------------- bookkeeping
     def _on_skipped_step(self, p: Progress, result: StepResult, metrics: MetricsWriter) -> None:
@@ -449,31 +491,48 @@ class Trainer:
             util = "n/a" if record["mfu"] is None else f"{record['mfu']:.2%}"
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}", mfu=util)
 
-    def validate(self) -> float | None:
-        """Mean validation loss over every rank's held-out windows (one all-reduce, one host read)."""
+    def validate(self) -> tuple[float, list[float]] | None:
+        """(mean validation loss, mean loss per position in the window) over every rank's held-out
+        windows (one all-reduce, one host read). A window longer than ctx_len runs in segments, the
+        state carried across them."""
         cfg, t = self.cfg, self.cfg.train
         if cfg.eval.batches <= 0 or self.plan.data.n_val_windows < self.world:
             return None
         batches = self.plan.data.val_batches(self.rank, self.world, t.micro_batch_size, cfg.eval.batches)
         self.engine.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        window = batches[0].shape[1] - 1 if batches else t.window
+        positions = PositionLoss(window, self.device)
         with torch.no_grad():
             for b in batches:
                 b = self._to_device(b)
-                total += cross_entropy(self.engine(b[:, :-1]), b[:, 1:]).double() * b.shape[0]
+                state = None
+                for t0 in range(0, window, t.ctx_len):
+                    idx, targets = b[:, :-1][:, t0 : t0 + t.ctx_len], b[:, 1:][:, t0 : t0 + t.ctx_len]
+                    if t.n_segments == 1:
+                        logits = self.engine(idx)
+                    else:
+                        logits, state = self.forward_with_state(idx, state)
+                    token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1), reduction="none")
+                    positions.add(t0, token_loss.view(targets.shape))
         self.engine.train()
-        n = float(sum(b.shape[0] for b in batches))
-        s, n = _all_reduce_sum(torch.stack([total, torch.tensor(n, dtype=torch.float64, device=self.device)]))
-        return s / n if n else None
+        return positions.result(_all_reduce_sum)
 
     def _maybe_validate(self, p: Progress, metrics: MetricsWriter, final: bool = False) -> None:
         every = self.cfg.eval.every
         if not final and not (every and p.step % every == 0 and p.step < self.cfg.train.steps):
             return
-        val = self.validate()
-        if val is not None:
-            metrics.write({"step": p.step, "val_loss": val, "tokens": p.tokens})
-            self.log(f"final val_loss {val:.4f}" if final else f"step {p.step}: val_loss {val:.4f}")
+        result = self.validate()
+        if result is None:
+            return
+        val, per_pos = result
+        by_pos = val_positions.buckets(per_pos)
+        metrics.write({"step": p.step, "val_loss": val, "tokens": p.tokens, "val_loss_by_position": by_pos})
+        where = ", ".join(f"{k} {v:.4f}" for k, v in by_pos.items())
+        self.log((f"final val_loss {val:.4f}" if final else f"step {p.step}: val_loss {val:.4f}")
+                 + f" (by position: {where})")
+        if self.rank == 0:
+            val_positions.plot(self.run_dir, per_pos, p.step, self.log)
 
     def save(self, step: int, tokens: int) -> None:
         client = {

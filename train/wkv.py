@@ -9,7 +9,15 @@ for large |k|; autograd differentiates it. ``wkv`` runs the compiled kernels of 
 extension on CUDA tensors, its CPU twin otherwise), both built just in time with ninja and cached
 (``train.ext_build``). A sequence may run in chunks of ``chunk_len`` steps with the recurrent state
 carried across them (it bounds the backward's scratch memory; results are the same).
-``wkv_with_state`` is the stateful, gradient-free form that RNN-mode inference uses.
+``wkv_with_state`` is the stateful, gradient-free form that RNN-mode inference uses; ``wkv_state`` is
+the stateful, differentiable form that training across segments of a long window uses.
+
+State gradients. The state (aa, bb, pp) stands for the decayed sums A = aa * e^pp, B = bb * e^pp; pp
+is a normaliser (a running maximum exponent) and carries no gradient. ``wkv_state`` returns
+dL/daa_0, dL/dbb_0 of the input state (zero for pp) taking the incoming dL/daa_T, dL/dbb_T of the
+output state with pp_T held fixed; chained from one call to the next this is the exact gradient of
+the whole sequence (the kernels work on A and B, see cuda/wkv4_math.h), and the reference computes
+the same by autograd with every normaliser detached.
 
 On a CUDA tensor ``auto`` means the CUDA kernel or an error with the compiler's message: a GPU never
 falls back to the Python loop.
@@ -69,18 +77,22 @@ def initial_state(B: int, C: int, dtype: torch.dtype = torch.float32, device=Non
 def _reference_scan(
     w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence as a Python loop over T, in the dtype of w; returns y and the final (aa, bb, pp)."""
+    """The recurrence as a Python loop over T, in the dtype of w; returns y and the final (aa, bb, pp).
+
+    The running maxima (p, pp) are detached: y does not depend on them (they scale numerator and
+    denominator alike), and aa, bb then differentiate as A, B scaled by constants (module docstring)."""
     aa, bb, pp = state.unbind(0)
+    pp = pp.detach()
     ys = []
     for t in range(k.shape[1]):
         kk, vv = k[:, t], v[:, t]
         ww = u + kk
-        p = torch.maximum(pp, ww)
+        p = torch.maximum(pp, ww.detach())
         e1 = torch.exp(pp - p)
         e2 = torch.exp(ww - p)
         ys.append((e1 * aa + e2 * vv) / (e1 * bb + e2))
         ww = w + pp
-        p = torch.maximum(ww, kk)
+        p = torch.maximum(ww.detach(), kk.detach())
         e1 = torch.exp(ww - p)
         e2 = torch.exp(kk - p)
         aa = e1 * aa + e2 * vv
@@ -105,6 +117,19 @@ def wkv_reference(
     B, T, C = k.shape
     y, _ = _reference_scan(w, u, k.to(cdt), v.to(cdt), initial_state(B, C, cdt, k.device))
     return y.to(k.dtype)
+
+
+def wkv_reference_state(
+    time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``wkv_reference`` after a given state (3, B, C): returns (y, state after the last step), both
+    differentiable by autograd (pp carries no gradient; see the module docstring)."""
+    _check_shapes(time_decay, time_first, k, v)
+    cdt = _compute_dtype(k.dtype)
+    w = -torch.exp(time_decay.to(cdt))
+    u = time_first.to(cdt)
+    y, out = _reference_scan(w, u, k.to(cdt), v.to(cdt), state.to(cdt))
+    return y.to(k.dtype), out
 
 
 # Built modules, and failed builds (re-raised rather than retried on every call), by configuration.
@@ -174,10 +199,13 @@ def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> Mod
 
 
 class _WKVFunction(torch.autograd.Function):
-    """Runs an extension's forward/backward chunk by chunk, carrying (aa, bb, pp) and its adjoint."""
+    """Runs an extension's forward/backward chunk by chunk, carrying (aa, bb, pp) and its adjoint.
+
+    Returns (y, final state); state0 None starts from an empty history. Gradients of the state are
+    those of ``wkv_state`` (pp held fixed, see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, time_decay, time_first, k, v, ext, chunk):  # type: ignore[override]
+    def forward(ctx, time_decay, time_first, k, v, state0, ext, chunk):  # type: ignore[override]
         cdt = _compute_dtype(k.dtype)
         w = -torch.exp(time_decay.detach().to(cdt)).contiguous()
         u = time_first.detach().to(cdt).contiguous()
@@ -185,7 +213,10 @@ class _WKVFunction(torch.autograd.Function):
         v = v.detach().contiguous()
         B, T, C = k.shape
         y = torch.empty_like(k)
-        state = initial_state(B, C, cdt, k.device)
+        if state0 is None:
+            state = initial_state(B, C, cdt, k.device)
+        else:
+            state = state0.detach().to(cdt).contiguous().clone()
         starts = list(range(0, T, chunk))
         states = torch.empty((len(starts), 3, B, C), dtype=cdt, device=k.device)
         with _device_of(k):
@@ -194,20 +225,26 @@ class _WKVFunction(torch.autograd.Function):
                 states[i].copy_(state)
                 sl = slice(t0, t0 + chunk)
                 ext.forward(w, u, k[:, sl], v[:, sl], y[:, sl], state, *extra)
-        ctx.save_for_backward(w, u, k, v, y, states)
+        ctx.save_for_backward(w, u, k, v, y, states, state)
         ctx.ext, ctx.chunk = ext, chunk
         ctx.param_dtypes = (time_decay.dtype, time_first.dtype)
-        return y
+        ctx.state_dtype = None if state0 is None else state0.dtype
+        return y, state
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy):  # type: ignore[override]
-        w, u, k, v, y, states = ctx.saved_tensors
+    def backward(ctx, gy, gstate_out):  # type: ignore[override]
+        w, u, k, v, y, states, final = ctx.saved_tensors
         ext, chunk = ctx.ext, ctx.chunk
         B, T, C = k.shape
-        gy = gy.to(k.dtype).contiguous()
+        gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         gstate = initial_state(B, C, w.dtype, k.device)
+        if gstate_out is not None:
+            # dL/dA_T = dL/daa_T * e^{-pp_T}: in the kernel's scaled form (sa, sb, sp) = (daa, dbb, -pp_T)
+            gstate[0].copy_(gstate_out[0])
+            gstate[1].copy_(gstate_out[1])
+            gstate[2].copy_(-final[2])
         gw = torch.zeros((B, C), dtype=w.dtype, device=k.device)
         gu = torch.zeros_like(gw)
         gw_c, gu_c = torch.empty_like(gw), torch.empty_like(gw)
@@ -222,8 +259,14 @@ class _WKVFunction(torch.autograd.Function):
                 )
                 gw += gw_c
                 gu += gu_c
+        g0 = None
+        if ctx.state_dtype is not None and ctx.needs_input_grad[4]:
+            # dL/dA_0 = ga * e^gp, and A_0 = aa_0 * e^pp_0: dL/daa_0 = ga * e^{gp + pp_0}
+            scale = torch.exp(gstate[2] + states[0, 2])
+            g0 = torch.stack([gstate[0] * scale, gstate[1] * scale, torch.zeros_like(scale)])
+            g0 = g0.to(ctx.state_dtype)
         decay_dtype, first_dtype = ctx.param_dtypes
-        return gw.sum(0).to(decay_dtype), gu.sum(0).to(first_dtype), gk, gv, None, None
+        return gw.sum(0).to(decay_dtype), gu.sum(0).to(first_dtype), gk, gv, g0, None, None
 
 
 def _device_of(k: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -313,7 +356,41 @@ def wkv(
         return wkv_reference(time_decay, time_first, k, v)
     if k.shape[1] == 0:
         return torch.empty_like(k)
-    return _WKVFunction.apply(time_decay, time_first, k, v, ext, chunk_len or k.shape[1])
+    return _WKVFunction.apply(time_decay, time_first, k, v, None, ext, chunk_len or k.shape[1])[0]
+
+
+def wkv_state(
+    time_decay: torch.Tensor,
+    time_first: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_len: int | None = None,
+    build_dir: str | os.PathLike | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV after `state` with gradients: returns (y, state after the last step).
+
+    state: (3, B, C) (aa, bb, pp) as ``initial_state`` makes it (None: an empty history); the output
+    state is float32 (float64 for float64 k). Differentiable in time_decay, time_first, k, v and in
+    aa, bb of the input state, for gradients arriving at y and at aa, bb of the output state; pp is a
+    normaliser and carries none (see the module docstring). Same backends and chunk_len as ``wkv``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"wkv: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    k, v, chunk_len = _prepare(time_decay, time_first, k, v, chunk_len, None)
+    B, T, C = k.shape
+    cdt = _compute_dtype(k.dtype)
+    if state is not None and state.shape != (3, B, C):
+        raise ValueError(f"wkv: state must be (3, {B}, {C}), got {tuple(state.shape)}")
+    ext = None if backend == "reference" else _kernel_for(k, backend, build_dir)
+    if ext is None or T == 0:
+        if state is None:
+            state = initial_state(B, C, cdt, k.device)
+        return wkv_reference_state(time_decay, time_first, k, v, state)
+    if state is not None:
+        state = state.to(cdt)
+    return _WKVFunction.apply(time_decay, time_first, k, v, state, ext, chunk_len or T)
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ its checkpoints, the `rwkv` pip package and `transformers.RwkvForCausalLM` inter
 keys only. Two modes:
 
 - parallel (`model(idx)`): the whole sequence at once, WKV through `train.wkv.wkv`, for training;
-- RNN (`model.forward_rnn(tokens, state)`): carries the standard RWKV-4 state for inference.
+- RNN (`model.forward_rnn(tokens, state)`): carries the standard RWKV-4 state for inference;
+- parallel from a state (`model.forward_with_state(idx, state) -> (logits, state)`): the parallel mode
+  after a carried state, differentiable in it, for training a long window in segments.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
 from train.model import RWKV
-from train.wkv import wkv, wkv_with_state
+from train.wkv import wkv, wkv_state, wkv_with_state
 
 # RNN state layout per layer, as the `rwkv` package keeps it: the time-mixing input of the previous
 # token, the WKV numerator/denominator (aa, bb) scaled by exp(-pp), the running max exponent pp,
@@ -75,11 +77,20 @@ class TimeMix(nn.Module):
         r = self.receptance(_mix(xx, dx, self.time_mix_r))
         return k, v, r
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, v, r = self._kvr(x, _token_shift(x))
+    def forward(
+        self, x: torch.Tensor, x_prev: torch.Tensor | None = None, wkv_s: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> output; with a carried state (x_prev (B, C), wkv_s (3, B, C) = aa, bb, pp)
+        -> (output, WKV state after the last token), differentiable in both."""
+        k, v, r = self._kvr(x, _token_shift(x, x_prev))
         cfg = self.cfg
-        y = wkv(self.time_decay, self.time_first, k, v, backend=cfg.wkv_backend, chunk_len=cfg.wkv_chunk_len)
-        return self.output(torch.sigmoid(r) * y.to(r.dtype))
+        if wkv_s is None:
+            y = wkv(self.time_decay, self.time_first, k, v, backend=cfg.wkv_backend,
+                    chunk_len=cfg.wkv_chunk_len)
+            return self.output(torch.sigmoid(r) * y.to(r.dtype))
+        y, wkv_s = wkv_state(self.time_decay, self.time_first, k, v, wkv_s, backend=cfg.wkv_backend,
+                             chunk_len=cfg.wkv_chunk_len)
+        return self.output(torch.sigmoid(r) * y.to(r.dtype)), wkv_s
 
     def forward_rnn(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C); s (5, B, C) this layer's state. Projections run for all T at once; only the
@@ -114,8 +125,8 @@ class ChannelMix(nn.Module):
         k = torch.square(torch.relu(self.key(_mix(xx, dx, self.time_mix_k))))
         return torch.sigmoid(self.receptance(_mix(xx, dx, self.time_mix_r))) * self.value(k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mixed(x, _token_shift(x))
+    def forward(self, x: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        return self._mixed(x, _token_shift(x, x_prev))
 
     def forward_rnn(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._mixed(x, _token_shift(x, x_prev)), x[:, -1].float()
@@ -135,11 +146,24 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, s: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> x; with this layer's carried state s (5, B, C) -> (x, state after the last
+        token), differentiable in s (submodules are called, not their methods: ZeRO-3 gathers on call)."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        x = x + self.att(self.ln1(x))
-        return x + self.ffn(self.ln2(x))
+        if s is None:
+            x = x + self.att(self.ln1(x))
+            return x + self.ffn(self.ln2(x))
+        xa = self.ln1(x)
+        att_out, wkv_s = self.att(xa, s[STATE_ATT_X], s[STATE_AA : STATE_PP + 1])
+        x = x + att_out
+        xf = self.ln2(x)
+        x = x + self.ffn(xf, s[STATE_FFN_X])
+        new_s = torch.cat([xa[:, -1:].transpose(0, 1).to(s.dtype), wkv_s.to(s.dtype),
+                           xf[:, -1:].transpose(0, 1).to(s.dtype)])
+        return x, new_s
 
     def forward_rnn(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.layer_id == 0:
@@ -234,18 +258,50 @@ class Model(RWKV):
                 x = block(x)
         return self.head(self.ln_out(x))
 
+    def forward_with_state(
+        self, idx: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx (B, T) after `state` (None: a fresh one) -> logits (B, T, V) and the state after the last
+        token, (n_layer, 5, B, n_embd) as `init_state` lays it out (fp32; fp64 for an fp64 model).
+
+        The parallel mode continued from a carried state: training a long window in segments feeds each
+        segment the previous one's state. Differentiable in the input state (slots att_x, aa, bb, ffn_x;
+        pp is the WKV's normaliser and carries no gradient, see train.wkv), so gradients may flow back
+        across segments. The input state is not modified."""
+        B = idx.shape[0]
+        if state is None:
+            fp64 = self.emb.weight.dtype == torch.float64
+            state = self.init_state(B, idx.device, torch.float64 if fp64 else torch.float32)
+        expected = (self.cfg.n_layer, STATE_SLOTS, B, self.cfg.n_embd)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"forward_with_state: state has shape {tuple(state.shape)}, expected {expected}")
+        x = self.emb(idx)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            if self.cfg.grad_cp and torch.is_grad_enabled():
+                x, s = checkpoint(block, x, state[i], use_reentrant=False)
+            else:
+                x, s = block(x, state[i])
+            new_states.append(s)
+        return self.head(self.ln_out(x)), torch.stack(new_states)
+
     # ----------------------------------------------------------------------------- RNN mode
     def init_state(
-        self, batch_size: int | None = None, device: torch.device | str | None = None
+        self,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Fresh RNN state, fp32, shape (n_layer, 5, [batch_size,] n_embd); slots STATE_ATT_X..STATE_FFN_X."""
+        """Fresh RNN state, shape (n_layer, 5, [batch_size,] n_embd); slots STATE_ATT_X..STATE_FFN_X.
+        fp32 unless dtype says otherwise."""
         device = device if device is not None else self.emb.weight.device
+        dtype = dtype or torch.float32
         shape = (
             (self.cfg.n_layer, STATE_SLOTS)
             + ((batch_size,) if batch_size is not None else ())
             + (self.cfg.n_embd,)
         )
-        state = torch.zeros(shape, dtype=torch.float32, device=device)
+        state = torch.zeros(shape, dtype=dtype, device=device)
         state[:, STATE_PP] = PP_INIT
         return state
 
