@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,3 +217,34 @@ def build_extension(
                 f"building the extension {name!r} from {files} in {directory} failed "
                 f"(log: {directory / 'build.log'}):\n{e}"
             ) from e
+
+
+# Built modules, and failed builds (re-raised rather than retried on every call), by configuration.
+_LOADED: dict[tuple, ModuleType | ExtensionBuildError] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_kernel(
+    name: str,
+    src_dir: Path,
+    spec: dict,
+    build_dir: str | os.PathLike | None = None,
+) -> ModuleType:
+    """A kernel extension built once per process: `spec` holds its "sources" (file names under
+    src_dir, which is also the include directory) and build flags; a failed build is remembered and
+    raised again, not retried on every call."""
+    key = (name, os.fspath(src_dir), os.fspath(build_dir) if build_dir else None)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            spec = dict(spec)
+            sources = [src_dir / s for s in spec.pop("sources")]
+            try:
+                _LOADED[key] = build_extension(
+                    name, sources, build_dir=build_dir, include_dirs=[src_dir], **spec
+                )
+            except ExtensionBuildError as e:
+                _LOADED[key] = e
+        entry = _LOADED[key]
+    if isinstance(entry, ExtensionBuildError):
+        raise entry
+    return entry

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -132,9 +131,6 @@ def wkv_reference_state(
     return y.to(k.dtype), out
 
 
-# Built modules, and failed builds (re-raised rather than retried on every call), by configuration.
-_EXTENSIONS: dict[tuple, ModuleType | WKVBuildError] = {}
-_BUILD_LOCK = threading.Lock()
 
 # -ffast-math lets gcc call the vectorised expf of glibc (libmvec) in the lane loops; it is a compile
 # flag only, so the library is not linked with crtfastmath and the process' float mode is untouched.
@@ -183,19 +179,7 @@ def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> Mod
     """The WKV extension of `kind` ("cpu": the CPU twin, "cuda": the CUDA kernel), built on first use."""
     if kind not in _SPECS:
         raise ValueError(f"wkv: unknown extension kind {kind!r} (expected one of {', '.join(_SPECS)})")
-    key = (kind, os.fspath(build_dir) if build_dir else None)
-    with _BUILD_LOCK:
-        if key not in _EXTENSIONS:
-            spec = dict(_SPECS[kind])
-            sources = [CUDA_SRC_DIR / s for s in spec.pop("sources")]
-            try:
-                _EXTENSIONS[key] = build_extension(f"wkv_{kind}", sources, build_dir=build_dir, **spec)
-            except WKVBuildError as e:
-                _EXTENSIONS[key] = e
-        entry = _EXTENSIONS[key]
-    if isinstance(entry, WKVBuildError):
-        raise entry
-    return entry
+    return ext_build.load_kernel(f"wkv_{kind}", CUDA_SRC_DIR, _SPECS[kind], build_dir)
 
 
 class _WKVFunction(torch.autograd.Function):

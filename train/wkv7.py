@@ -25,7 +25,6 @@ falls back to the Python loop.
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -124,9 +123,6 @@ def wkv7_reference(
     return y.to(in_dtype), s
 
 
-# Built modules, and failed builds (re-raised rather than retried on every call), by configuration.
-_EXTENSIONS: dict[tuple, ModuleType | WKVBuildError] = {}
-_BUILD_LOCK = threading.Lock()
 
 
 def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> ModuleType:
@@ -136,21 +132,7 @@ def load_extension(kind: str, build_dir: str | os.PathLike | None = None) -> Mod
     """
     if kind not in _SPECS:
         raise ValueError(f"wkv7: unknown extension kind {kind!r} (expected one of {', '.join(_SPECS)})")
-    key = (kind, os.fspath(build_dir) if build_dir else None, CUDA_SRC_DIR)
-    with _BUILD_LOCK:
-        if key not in _EXTENSIONS:
-            spec = dict(_SPECS[kind])
-            sources = [CUDA_SRC_DIR / s for s in spec.pop("sources")]
-            try:
-                _EXTENSIONS[key] = ext_build.build_extension(
-                    f"wkv7_{kind}", sources, build_dir=build_dir, include_dirs=[CUDA_SRC_DIR], **spec
-                )
-            except WKVBuildError as e:
-                _EXTENSIONS[key] = e
-        entry = _EXTENSIONS[key]
-    if isinstance(entry, WKVBuildError):
-        raise entry
-    return entry
+    return ext_build.load_kernel(f"wkv7_{kind}", CUDA_SRC_DIR, _SPECS[kind], build_dir)
 
 
 class _WKV7Function(torch.autograd.Function):
