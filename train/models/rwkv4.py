@@ -12,20 +12,18 @@ keys only. Two modes:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-from train.model import RWKV
+from train.model import RWKV, token_shift
 from train.wkv import wkv, wkv_state, wkv_with_state
 
 # RNN state layout per layer, as the `rwkv` package keeps it: the time-mixing input of the previous
@@ -35,16 +33,6 @@ STATE_ATT_X, STATE_AA, STATE_BB, STATE_PP, STATE_FFN_X = range(5)
 STATE_SLOTS = 5
 # pp starts at "minus infinity" in a finite form, so pp + w stays finite (as the rwkv package does).
 PP_INIT = -1e38
-
-
-def _token_shift(x: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
-    """x shifted one step later in time: the previous token's features (zeros, or x_prev, at t=0).
-
-    Same as RWKV-LM's nn.ZeroPad2d((0, 0, 1, -1)) on (B, T, C).
-    """
-    if x_prev is None:
-        return F.pad(x, (0, 0, 1, -1))
-    return torch.cat([x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
 
 
 def _mix(xx: torch.Tensor, dx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -82,7 +70,7 @@ class TimeMix(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> output; with a carried state (x_prev (B, C), wkv_s (3, B, C) = aa, bb, pp)
         -> (output, WKV state after the last token), differentiable in both."""
-        k, v, r = self._kvr(x, _token_shift(x, x_prev))
+        k, v, r = self._kvr(x, token_shift(x, x_prev))
         cfg = self.cfg
         if wkv_s is None:
             y = wkv(self.time_decay, self.time_first, k, v, backend=cfg.wkv_backend,
@@ -95,7 +83,7 @@ class TimeMix(nn.Module):
     def forward_rnn(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C); s (5, B, C) this layer's state. Projections run for all T at once; only the
         WKV recurrence steps through time (the rwkv package's stable aa/bb/pp form)."""
-        k, v, r = self._kvr(x, _token_shift(x, s[STATE_ATT_X]))
+        k, v, r = self._kvr(x, token_shift(x, s[STATE_ATT_X]))
         # fp32 k, v as the rwkv package computes; the same kernel as training (CUDA or the CPU twin).
         y, wkv_state = wkv_with_state(
             self.time_decay, self.time_first, k.float(), v.float(), s[STATE_AA : STATE_PP + 1],
@@ -126,10 +114,10 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(_mix(xx, dx, self.time_mix_r))) * self.value(k)
 
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
-        return self._mixed(x, _token_shift(x, x_prev))
+        return self._mixed(x, token_shift(x, x_prev))
 
     def forward_rnn(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._mixed(x, _token_shift(x, x_prev)), x[:, -1].float()
+        return self._mixed(x, token_shift(x, x_prev)), x[:, -1].float()
 
 
 class Block(nn.Module):
@@ -178,23 +166,11 @@ class Block(nn.Module):
 class Model(RWKV):
     """RWKV-4 language model. `model(idx) -> logits`; `model.forward_rnn(tokens, state)` for inference."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        # One draw from the global CPU generator, so torch.manual_seed decides the initial weights;
-        # init_weights derives every parameter's own generator from it (see there).
-        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if self.emb.weight.device.type != "meta":
-            self.init_weights()
+    Block = Block
 
     # ----------------------------------------------------------------------------- initialisation
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """RWKV-LM v4neo initialisation (RWKV-v4neo/src/model.py).
+    def _init_value(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
+        """RWKV-LM v4neo initialisation (RWKV-v4neo/src/model.py), the fp32 value of parameter `name`.
 
         Vectors: the "fancy init" in RWKV_TimeMix.__init__ / RWKV_ChannelMix.__init__ with
         ratio_0_to_1 = layer_id / (n_layer - 1), ratio_1_to_almost0 = 1 - layer_id / n_layer,
@@ -210,22 +186,7 @@ class Model(RWKV):
         (zeros) for att.key, att.receptance, att.output, ffn.value, ffn.receptance; head scale 0.5;
         emb scale -1e-4 (uniform in [-1e-4, 1e-4]); everything else orthogonal with gain * scale
         (att.value, ffn.key).
-
-        Works on parameters partitioned by DeepSpeed ZeRO-3 (`deepspeed.zero.Init`): each one is
-        gathered in turn, filled on rank 0 and scattered back, so the whole model is never on one
-        rank. The values do not depend on how the model was built: each parameter draws from its
-        own generator (seeded from `self.init_seed` and its index), values are computed in fp32
-        (vectors in float64 first) and then cast to the parameter's dtype, and no tensor
-        constructor that zero.Init patches (torch.empty/zeros/arange/...) is used.
         """
-        for index, (name, p) in enumerate(self.named_parameters()):
-            with _gathered(p) as writer:
-                if writer:
-                    value = self._init_value(name, p, self.init_seed + index)
-                    p.copy_(value)
-
-    def _init_value(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
-        """The fp32 initial value of parameter `name` (p: its whole tensor; see init_weights)."""
         shape, parts = tuple(p.shape), name.split(".")
         if name.startswith("blocks.") and parts[3].startswith("time_"):
             layer_id = int(parts[1])
@@ -353,19 +314,6 @@ def _fancy_vector(kind: str, param: str, layer_id: int, cfg: ModelConfig) -> np.
     if param == "time_mix_v":
         return np.power(ddd, ratio_1_to_almost0) + 0.3 * ratio_0_to_1
     return np.power(ddd, ratio_1_to_almost0)  # att.time_mix_k, ffn.time_mix_k, ffn.time_mix_r
-
-
-@contextlib.contextmanager
-def _gathered(p: nn.Parameter) -> Iterator[bool]:
-    """Yield whether this process writes p's initial value: always for an ordinary parameter; for a
-    ZeRO-3 partitioned one, p is gathered whole, rank 0 writes, and its value is scattered on exit."""
-    if not hasattr(p, "ds_id"):
-        yield True
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-        yield deepspeed.comm.get_rank() == 0
 
 
 # ------------------------------------------------------------------------------- what the pipeline asks

@@ -45,8 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-from train.model import RWKV
-from train.models.rwkv4 import _gathered, _token_shift
+from train.model import RWKV, token_shift
 from train.wkv7 import wkv7
 
 GROUP_NORM_EPS = 64e-5  # ln_x: RWKV-LM's "!!! notice eps value !!!" (= head_size * 1e-5)
@@ -131,7 +130,7 @@ class TimeMix(nn.Module):
         carried token shift and WKV state (None: zeros). Returns (out, v_first, final WKV state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _token_shift(x, x_prev) - x
+        xx = token_shift(x, x_prev) - x
         xr, xw, xk, xv, xa, xg = (_lerp(x, xx, getattr(self, n)) for n in TIME_MIX_VECTORS)
 
         r = self.receptance(xr)
@@ -171,7 +170,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
-        xx = _token_shift(x, x_prev) - x
+        xx = token_shift(x, x_prev) - x
         k = torch.relu(self.key(_lerp(x, xx, self.x_k))) ** 2
         return self.value(k)
 
@@ -220,27 +219,14 @@ class Model(RWKV):
     """RWKV-7 language model. `model(idx) -> logits`; `model.forward_rnn(tokens, state)` for inference;
     `model.forward_with_state(idx, state) -> (logits, state)` for training across windows."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.dim_att != cfg.n_embd:
-            raise ValueError(f"RWKV-7 needs dim_att == n_embd, got {cfg.dim_att} and {cfg.n_embd}")
-        self.cfg = cfg
-        # One draw from the global CPU generator, so torch.manual_seed decides the initial weights;
-        # init_weights derives every parameter's own generator from it (see there).
-        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if self.emb.weight.device.type != "meta":
-            self.init_weights()
+    Block = Block
 
     # ----------------------------------------------------------------------------- initialisation
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """RWKV-LM v7 initialisation: RWKV_Tmix_x070 / RWKV_CMix_x070.__init__ for the vectors and LoRA
-        factors, then RWKV.generate_init_weight (train.py calls it for a new model) for every name
-        containing ".weight". With ratio_0_to_1 = l / (L - 1), ratio_1_to_almost0 = 1 - l / L,
+    def _init_value(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
+        """RWKV-LM v7 initialisation, the fp32 value of parameter `name`: RWKV_Tmix_x070 /
+        RWKV_CMix_x070.__init__ for the vectors and LoRA factors, then RWKV.generate_init_weight
+        (train.py calls it for a new model) for every name containing ".weight". With
+        ratio_0_to_1 = l / (L - 1), ratio_1_to_almost0 = 1 - l / L,
         ddd[i] = i / C, linear[n] = n / (C - 1) - 0.5, zigzag[n] = z |z| with
         z = ((n % N) - (N-1)/2) / ((N-1)/2):
 
@@ -256,19 +242,7 @@ class Model(RWKV):
           emb: uniform in [-1e-4, 1e-4];  head: orthogonal, gain 0.5 sqrt(V / C) (0.5 when V <= C)
           att.receptance, att.value, ffn.key: orthogonal, gain 1;  att.key: orthogonal, gain 0.1
           att.output, ffn.value: zeros
-
-        Works on parameters partitioned by DeepSpeed ZeRO-3 (`deepspeed.zero.Init`): each one is
-        gathered in turn, filled on rank 0 and scattered back. Each parameter draws from its own
-        generator (seeded from `self.init_seed` and its index), values are computed in fp32 (vectors in
-        float64 numpy first) and then cast, and no tensor constructor that zero.Init patches is used.
         """
-        for index, (name, p) in enumerate(self.named_parameters()):
-            with _gathered(p) as writer:
-                if writer:
-                    p.copy_(self._init_value(name, p, self.init_seed + index))
-
-    def _init_value(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
-        """The fp32 initial value of parameter `name` (p: its whole tensor; see init_weights)."""
         shape, parts = tuple(p.shape), name.split(".")
         if name.startswith("blocks.") and parts[2] in ("att", "ffn") and parts[3] in _VECTOR_PARAMS:
             vec = _init_vector(parts[2], parts[3], int(parts[1]), self.cfg)
