@@ -108,7 +108,7 @@ def rwkv7_hf_model(ours: torch.nn.Module) -> torch.nn.Module:
     config = hf_format_rwkv7.hf_config(ours.cfg.to_dict(), {k: tuple(v.shape) for k, v in sd.items()})
     model = RWKV7ForCausalLM(RWKV7Config(**config))
     model.load_state_dict(hf_format_rwkv7.to_hf_state_dict(sd), strict=True)
-    model.gradient_checkpointing_disable()
+    assert not model.model.gradient_checkpointing  # off by default: the faster way to train
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:
