@@ -168,7 +168,8 @@ def bench_dtype(dtype: torch.dtype, args, cfg: ModelConfig) -> dict[str, float]:
         models[BASELINE[cfg.arch]] = baseline_model(models["ours"])
     for m in models.values():
         m.to(dtype).train()
-    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx + 1))
+    batch_gen = torch.Generator().manual_seed(0)  # the same batch with or without the baseline
+    idx = torch.randint(0, cfg.vocab_size, (args.batch, args.ctx + 1), generator=batch_gen)
     times: dict[str, list[float]] = {name: [] for name in models}
     peaks: list[float] = []
     peak_meter = MatmulPeak(dtype)
