@@ -18,7 +18,8 @@ Weights the init leaves at zero (LoRA down-projections, output projections) get 
 values first, so that the first-step loss, printed for both models, checks the same computation.
 A baseline step can take minutes (rwkv7_hf steps through ctx tokens in Python): --budget-s stops
 timing a model once its timed steps in one dtype took that long (at least one is kept), and
---warmup-ctx runs the warm-up steps on a prefix of the batch.
+--warmup-ctx runs the warm-up steps on a prefix of the batch. Keep --warmup >= 1: our first step
+loads (or builds) the compiled WKV kernel, which takes seconds to minutes.
 
     python bench/model.py                      # 169m, ctx 1024, batch 1
     python bench/model.py --preset tiny --ctx 256 --steps 2
