@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/prep.py
 	$(PY) bench/wkv.py --threads 1
 	$(PY) bench/model.py
+	$(PY) bench/model.py --arch rwkv7 --steps 2 --warmup-ctx 32 --budget-s 120
 	$(PY) bench/train.py
 	$(PY) bench/convert_memory.py --preset 169m
 	$(PY) bench/zero_init.py
