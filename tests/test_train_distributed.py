@@ -243,7 +243,8 @@ def _check_rwkv7_checkpoint(run_dir: Path, stage: int) -> None:
     from launch.model_loading import load_any_weights
 
     tag = run_dir / "checkpoints" / f"step{STEPS}"
-    states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    states = torch.load(tag / model_file, map_location="cpu", weights_only=False)
     optim = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
                        weights_only=False)["optimizer_state_dict"]
     base = optim.get("optimizer_state_dict", optim.get("base_optimizer_state"))  # ZeRO 3 / ZeRO 1-2
@@ -262,7 +263,10 @@ def _check_rwkv7_checkpoint(run_dir: Path, stage: int) -> None:
     names = [sorted(s) for s in shapes]
     i2 = [g["name"] for g in groups].index("lr_2x")
     assert names[i2] == ["blocks.0.att.w0", "blocks.1.att.w0"]
-    assert "blocks.0.att.v1" in names[[g["name"] for g in groups].index("decay")]
+    # RWKV-LM v7 decays only the `.weight` matrices: the LoRA matrices (w1, v1, ...) stay at 1x
+    decay, lr_1x = (names[[g["name"] for g in groups].index(k)] for k in ("decay", "lr_1x"))
+    assert "blocks.0.att.receptance.weight" in decay and "emb.weight" in decay
+    assert "blocks.0.att.v1" in lr_1x and "blocks.0.att.v0" in lr_1x
 
     before = load_any_weights(run_dir / "checkpoints", tag=f"step{EVERY}").tensors
     after = load_any_weights(run_dir / "checkpoints", tag=f"step{STEPS}").tensors
