@@ -1,7 +1,10 @@
 """Run under torchrun (2 processes): a step with a NaN inside rank 0's forward leaves every rank's
 weights and optimizer state bit-identical, and training goes on with finite losses.
 
-    torchrun --nproc_per_node 2 tests/skip_step_check.py MANIFEST RUN_ROOT PRECISION STAGE [STAGE ...]
+    torchrun --nproc_per_node 2 tests/skip_step_check.py MANIFEST RUN_ROOT PRECISION [ARCH] STAGE [STAGE ...]
+
+ARCH: rwkv4 (the default: configs/tiny.yaml's model) or rwkv7 (the rwkv7-tiny preset at 2 x 64, whose
+layer-0 v0/v1/v2 never get a gradient).
 
 For each ZeRO stage, in one process group: a Trainer on the tiny model (grad_accum 2, NaN in the
 first micro-batch of step 3 on rank 0 only), two good steps, the snapshot of everything DeepSpeed
@@ -64,11 +67,14 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     )
 
 
-def check(manifest: str, run_dir: Path, precision: str, stage: int) -> dict[str, Any]:
+ARCH_SETS = {"rwkv4": [], "rwkv7": ["model.preset=rwkv7-tiny", "model.n_embd=64"]}
+
+
+def check(manifest: str, run_dir: Path, precision: str, stage: int, arch: str = "rwkv4") -> dict[str, Any]:
     sets = [f"data.manifests=[{manifest}]", f"run_dir={run_dir}", "log.progress=false",
             "log.tensorboard=false", f"train.precision={precision}", f"train.zero_stage={stage}",
             "train.grad_accum=2", "train.micro_batch_size=2", "train.steps=4", "train.fault_nan_steps=[3]",
-            "checkpoint.every=0", "eval.every=0", "model.n_layer=2"]
+            "checkpoint.every=0", "eval.every=0", "model.n_layer=2", *ARCH_SETS[arch]]
     trainer = Trainer(load_run_config(REPO / "configs" / "tiny.yaml", sets))
     trainer._setup_run()
     engine, lr = trainer.engine, 1e-3
@@ -85,7 +91,8 @@ def check(manifest: str, run_dir: Path, precision: str, stage: int) -> dict[str,
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     trainer.gate.remove()
     return {
-        "stage": stage, "precision": precision, "skipped": bad.skipped, "n_bad": bad.n_bad,
+        "stage": stage, "precision": precision, "arch": trainer.plan.model_cfg.arch,
+        "skipped": bad.skipped, "n_bad": bad.n_bad,
         "unchanged_all_ranks": bool(ok.item()), "unchanged": same(before, after),
         "changed_after": not same(after, later), "n_tensors": len(before),
         "losses": losses, "losses_finite": all(x is not None and math.isfinite(x) for x in losses),
@@ -95,8 +102,9 @@ def check(manifest: str, run_dir: Path, precision: str, stage: int) -> dict[str,
 
 def main() -> None:
     manifest, root, precision, stages = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    arch = stages.pop(0) if stages and not stages[0].isdigit() else "rwkv4"
     for stage in map(int, stages):
-        result = check(manifest, root / f"{precision}_zero{stage}", precision, stage)
+        result = check(manifest, root / f"{arch}_{precision}_zero{stage}", precision, stage, arch)
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(result), flush=True)
         dist.barrier()

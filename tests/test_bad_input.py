@@ -172,6 +172,29 @@ def test_convert_refuses_weights_missing_a_tensor_of_a_middle_layer(tmp_path, ti
     assert not list(tmp_path.glob("out*"))  # nothing written
 
 
+def test_convert_refuses_rwkv7_weights_missing_or_misshapen_naming_them(tmp_path):
+    """RWKV-7 without a config beside it (the architecture from its tensor names): a dropped LoRA
+    factor, a misshapen r_k and an RWKV-4 tensor among RWKV-7 ones are each named."""
+    from train.config import ModelConfig
+    from train.model import RWKV
+
+    torch.manual_seed(0)
+    sd = RWKV(ModelConfig(arch="rwkv7", n_layer=2, n_embd=64, vocab_size=SMALL_VOCAB)).state_dict()
+    for name, bad, want in (
+        ("dropped", {k: v for k, v in sd.items() if k != "blocks.1.att.v1"}, "missing 1: blocks.1.att.v1"),
+        ("misshapen", {**sd, "blocks.1.att.r_k": torch.zeros(2, 32)},
+         "misshapen 1: blocks.1.att.r_k (2, 32) (expected (1, 64))"),
+        ("mixed", {**sd, "blocks.0.att.time_decay": torch.zeros(64)},
+         "unexpected 1: blocks.0.att.time_decay"),
+    ):
+        src = tmp_path / f"{name}.pth"
+        torch.save(bad, src)
+        out = tmp_path / f"o_{name}"
+        line = error_line(run("launch.convert", "--input", src, "--to", "hf", "--output", out))
+        assert "RWKV-7 2 layers x 64" in line and want in line and str(src) in line
+    assert not list(tmp_path.glob("o_*"))
+
+
 def test_convert_lists_every_tensor_of_a_dropped_last_layer(tmp_path, tiny_sd):
     # the recorded config says 4 layers; without the check the output was a 3-layer model
     last = [k for k in tiny_sd if k.startswith("blocks.3.")]

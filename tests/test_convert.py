@@ -270,3 +270,77 @@ def test_rescale_every_zero_survives_transformers_inference_and_resave(tmp_path)
         diffs[rescale] = (hf_logits(tmp_path / f"resaved{rescale}", ids) - ours).abs().max().item()
     assert diffs[0] <= FP32_TOL
     assert diffs[6] > 0.1  # measured 2.18
+
+
+# ------------------------------------------------------------------------------------ RWKV-7
+@pytest.fixture(scope="module")
+def source7(tmp_path_factory, demo_tokenizer) -> dict:
+    """A perturbed 2-layer RWKV-7 model (2 x 64, one head) saved as a plain state dict, config beside it."""
+    from data_prep.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(demo_tokenizer)).vocab_size
+    cfg = ModelConfig(arch="rwkv7", n_layer=2, n_embd=64, vocab_size=vocab, ctx_len=64,
+                      wkv_backend="reference")
+    torch.manual_seed(0)
+    model = perturb(RWKV(cfg), seed=1).eval()
+    d = tmp_path_factory.mktemp("convert_src7")
+    path = d / "model.pt"
+    torch.save(model.state_dict(), path)
+    (d / "model.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": str(demo_tokenizer)}))
+    return {"path": path, "model": model, "cfg": cfg}
+
+
+def test_rwkv7_bare_pth_is_inferred_from_tensor_names_and_runs_in_the_rwkv_package(source7, text_ids,
+                                                                                   tmp_path):
+    """A .pth with no config beside it (as RWKV-LM writes them): RWKV-7 from its tensor names, its sizes
+    from the shapes; the converted .pth gives our logits in the `rwkv` package (RWKV_V7_ON=1)."""
+    bare = tmp_path / "bare.pth"
+    shutil.copy(source7["path"], bare)
+    out = tmp_path / "bare_rwkv.pth"
+    with pytest.warns(UserWarning, match="inferred from tensor shapes"):
+        assert run_convert("--input", bare, "--to", "rwkv", "--output", out) == 0
+    side = json.loads(out.with_suffix(".json").read_text())["model"]
+    cfg = source7["cfg"]
+    assert side["arch"] == "rwkv7"
+    for k in ("n_layer", "n_embd", "dim_ffn", "head_size", "dim_w_lora", "dim_a_lora", "dim_v_lora",
+              "dim_g_lora", "vocab_size"):
+        assert side[k] == getattr(cfg, k), k
+    theirs = convert.rwkv_package_logits(out, text_ids, "rwkv7")
+    assert (theirs - our_logits(source7["model"], text_ids)).abs().max().item() <= FP32_TOL
+
+    got = torch.load(out, weights_only=True)
+    want = source7["model"].state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_rwkv7_fp32_and_bf16_outputs(source7, text_ids, tmp_path):
+    fp32, bf16 = tmp_path / "m.pt", tmp_path / "m_bf16.pth"
+    assert run_convert("--input", source7["path"], "--to", "fp32", "--output", fp32) == 0
+    got, want = torch.load(fp32, weights_only=True), source7["model"].state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads(fp32.with_suffix(".json").read_text())["model"]["arch"] == "rwkv7"
+
+    assert run_convert("--input", source7["path"], "--to", "rwkv", "--output", bf16, "--dtype", "bf16") == 0
+    sd = torch.load(bf16, weights_only=True)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    # The package on the bf16 file = our model on the same weights rounded to bf16 (the perturbed RWKV-7
+    # model moves its logits by ~4% of the largest under that rounding, more than RWKV-4's bound above)
+    want_sd = source7["model"].state_dict()
+    assert all(torch.equal(sd[k], want_sd[k].to(torch.bfloat16)) for k in want_sd)
+    rounded = RWKV(source7["cfg"]).eval()
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in want_sd.items()})
+    theirs = convert.rwkv_package_logits(bf16, text_ids, "rwkv7")
+    assert (theirs - our_logits(rounded, text_ids)).abs().max().item() <= FP32_TOL
+    assert (theirs - our_logits(source7["model"], text_ids)).abs().max().item() > 0  # the cast happened
+
+
+def test_rwkv7_truncated_pth_is_refused_naming_the_file(source7, tmp_path, capsys):
+    bad = tmp_path / "cut.pth"
+    data = source7["path"].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    for to in ("rwkv", "hf"):
+        out = tmp_path / f"o_{to}"
+        assert run_convert("--input", bad, "--to", to, "--output", out) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and ("truncated" in err or "corrupt" in err)
+        assert not out.exists()

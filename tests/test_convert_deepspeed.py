@@ -1,5 +1,6 @@
 """launch.convert on real DeepSpeed checkpoints: 2 processes over gloo, ZeRO-2 and ZeRO-3 in fp32,
-and stage 0 in bf16 (whose fp32 master weights are saved without names).
+and stage 0 in bf16 (whose fp32 master weights are saved without names); RWKV-4, and RWKV-7 at ZeRO-3
+and stage 0 bf16 (RWKV-7's layer 0 holds v0/v1/v2 that never get a gradient).
 
 A small script trains a tiny model for a few steps under `torchrun --nproc_per_node 2` with the
 trainer's parameter groups, saves a checkpoint with the model and optimizer config as client state,
@@ -11,6 +12,7 @@ the `rwkv` package and in transformers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,10 +40,11 @@ from train.model import RWKV
 from train.optim import param_groups
 
 out, variant = sys.argv[1], sys.argv[2]
-stage, bf16 = int(variant[0]), variant.endswith("bf16")
+stage, bf16 = int(variant[0]), "bf16" in variant
+arch = "rwkv7" if variant.endswith("rwkv7") else "rwkv4"
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
-cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=VOCAB, ctx_len=32, wkv_backend="reference")
+cfg = ModelConfig(arch=arch, n_layer=2, n_embd=64, vocab_size=VOCAB, ctx_len=32, wkv_backend="reference")
 
 torch.manual_seed(0)
 model = RWKV(cfg)
@@ -91,7 +94,11 @@ os._exit(0)
 """.replace("VOCAB", str(VOCAB))
 
 
-@pytest.fixture(scope="module", params=["2", "3", "0bf16"], ids=["zero2", "zero3", "stage0-bf16"])
+@pytest.fixture(
+    scope="module",
+    params=["2", "3", "0bf16", "3rwkv7", "0bf16rwkv7"],
+    ids=["zero2", "zero3", "stage0-bf16", "rwkv7-zero3", "rwkv7-stage0-bf16"],
+)
 def checkpoints(request, tmp_path_factory) -> Path:
     """One 2-process run per variant (two engines in one process leave ZeRO-3's save empty)."""
     variant = request.param
@@ -114,15 +121,16 @@ def checkpoints(request, tmp_path_factory) -> Path:
     return out
 
 
-def model_with(state: dict) -> RWKV:
-    cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=VOCAB, ctx_len=32, wkv_backend="reference")
+def model_with(state: dict, arch: str = "rwkv4") -> RWKV:
+    cfg = ModelConfig(arch=arch, n_layer=2, n_embd=64, vocab_size=VOCAB, ctx_len=32, wkv_backend="reference")
     model = RWKV(cfg)
     model.load_state_dict(state)
     return model.eval()
 
 
 @pytest.mark.slow
-def test_zero_checkpoint_converts_exactly_and_loads_in_both_packages(checkpoints, tmp_path, monkeypatch):
+def test_zero_checkpoint_converts_exactly_and_loads_in_both_packages(checkpoints, tmp_path, monkeypatch,
+                                                                     capsys):
     ckpt = checkpoints / "checkpoints"
     reference = torch.load(checkpoints / "reference.pt", weights_only=True)
 
@@ -133,6 +141,9 @@ def test_zero_checkpoint_converts_exactly_and_loads_in_both_packages(checkpoints
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], reference[k]) for k in reference)
 
     ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(0))
+    if "rwkv7" in checkpoints.name:  # tmp_path_factory.mktemp(f"ds_{variant}")
+        check_rwkv7_outputs(ckpt, reference, ids, tmp_path, capsys)
+        return
     with torch.no_grad():
         ours = model_with(reference)(ids.unsqueeze(0))[0]
 
@@ -152,6 +163,53 @@ def test_zero_checkpoint_converts_exactly_and_loads_in_both_packages(checkpoints
         hf_logits = hf(ids.unsqueeze(0)).logits[0]
     assert (pkg_logits.float() - ours).abs().max().item() <= FP32_TOL
     assert (hf_logits - ours).abs().max().item() <= FP32_TOL
+
+
+def verified_diff(capsys) -> float:
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verify:")][0]
+    return float(line.split("=")[1].split()[0])
+
+
+def check_rwkv7_outputs(ckpt: Path, reference: dict, ids: torch.Tensor, tmp_path: Path, capsys) -> None:
+    """RWKV-7: the .pth in the `rwkv` package (RWKV_V7_ON=1, its own process) and the HF directory in
+    `rwkv7_hf` give our logits (checked here and by --verify); the HF directory converts back to the
+    same weights; a bf16 .pth is the reference cast to bf16."""
+    from launch.hf_format import hf_format
+
+    with torch.no_grad():
+        ours = model_with(reference, "rwkv7")(ids.unsqueeze(0))[0]
+    pth, hf_dir = tmp_path / "m.pth", tmp_path / "hf"
+    assert convert.main(["--input", str(ckpt), "--to", "rwkv", "--output", str(pth), "--verify"]) == 0
+    assert verified_diff(capsys) <= FP32_TOL
+    argv = ["--input", str(ckpt / "step3"), "--to", "hf", "--output", str(hf_dir), "--verify"]
+    assert convert.main(argv) == 0
+    assert verified_diff(capsys) <= FP32_TOL
+    assert json.loads(pth.with_suffix(".json").read_text())["model"]["arch"] == "rwkv7"
+
+    pkg_logits = convert.rwkv_package_logits(pth, ids, "rwkv7")
+    hf = hf_format("rwkv7").load_hf_model(hf_dir)
+    with torch.no_grad():
+        hf_logits = hf(ids.unsqueeze(0)).logits[0]
+    assert (pkg_logits.float() - ours).abs().max().item() <= FP32_TOL
+    assert (hf_logits.float() - ours).abs().max().item() <= FP32_TOL
+
+    # back from HF: every tensor equal, but layer 0's v0/v1/v2, which the HF layout has no place for
+    # (the value residual starts at layer 1) and which come back as zeros
+    back = tmp_path / "back.pth"
+    assert convert.main(["--input", str(hf_dir), "--to", "rwkv", "--output", str(back)]) == 0
+    got = torch.load(back, weights_only=True)
+    assert set(got) == set(reference)
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    assert all(torch.equal(got[k], reference[k]) for k in set(reference) - unused)
+    assert all(not got[k].any() for k in unused)
+    with torch.no_grad():
+        assert torch.equal(model_with(got, "rwkv7")(ids.unsqueeze(0))[0], ours)
+
+    bf16 = tmp_path / "bf16.pth"
+    assert convert.main(["--input", str(ckpt), "--to", "rwkv", "--output", str(bf16), "--dtype", "bf16"]) == 0
+    got = torch.load(bf16, weights_only=True)
+    assert set(got) == set(reference)
+    assert all(torch.equal(got[k], reference[k].to(torch.bfloat16)) for k in reference)
 
 
 @pytest.mark.slow

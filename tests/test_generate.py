@@ -1,5 +1,6 @@
 """launch.generate: seeded RNN-mode sampling, nucleus sampling, perplexity scoring, and the command
-line on every weight format the pipeline produces (including a checkpoint of a real training run)."""
+line on every weight format the pipeline produces (including a checkpoint of a real training run);
+RWKV-4 and RWKV-7 (whose HF format runs in the `rwkv7_hf` reference model)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def tok(demo_tokenizer):
     return load_tokenizer(str(demo_tokenizer))
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, demo_tokenizer, tok) -> dict:
+@pytest.fixture(scope="module", params=["rwkv4", "rwkv7"])
+def weights(request, tmp_path_factory, demo_tokenizer, tok) -> dict:
     """A perturbed 2-layer model as a state dict (tokenizer recorded beside it), .pth and HF dir."""
-    cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=tok.vocab_size, ctx_len=32, wkv_backend="reference")
+    cfg = ModelConfig(arch=request.param, n_layer=2, n_embd=64, vocab_size=tok.vocab_size, ctx_len=32,
+                      wkv_backend="reference")
     torch.manual_seed(0)
     model = perturb(RWKV(cfg), seed=3).eval()
     d = tmp_path_factory.mktemp("generate_weights")
@@ -41,7 +43,8 @@ def weights(tmp_path_factory, demo_tokenizer, tok) -> dict:
     (d / "model.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": str(demo_tokenizer)}))
     assert convert.main(["--input", str(sd), "--to", "rwkv", "--output", str(d / "rwkv.pth")]) == 0
     assert convert.main(["--input", str(sd), "--to", "hf", "--output", str(d / "hf")]) == 0
-    return {"model": model, "state_dict": sd, "pth": d / "rwkv.pth", "hf": d / "hf", "dir": d}
+    return {"model": model, "state_dict": sd, "pth": d / "rwkv.pth", "hf": d / "hf", "dir": d,
+            "arch": request.param}
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -89,7 +92,7 @@ def test_generation_is_seeded_and_equals_sampling_from_parallel_logits(weights, 
 
 # ------------------------------------------------------------------------------------ scoring
 def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_path, capsys):
-    from transformers import RwkvForCausalLM
+    from launch.hf_format import hf_format
 
     text_file = tmp_path / "heldout.txt"
     text_file.write_text(corpus_text(900, shard="01"), encoding="utf-8")
@@ -100,9 +103,10 @@ def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     got = json.loads(report.read_text())
 
-    # independent: transformers on the HF conversion, log-softmax by hand, the same windows
+    # independent: the HF conversion in transformers (RWKV-4) or rwkv7_hf (RWKV-7), log-softmax by hand,
+    # the same windows
     ids = torch.tensor(tok.encode(text_file.read_text(encoding="utf-8")))
-    hf = RwkvForCausalLM.from_pretrained(str(weights["hf"]), dtype=torch.float32).eval()
+    hf = hf_format(weights["arch"]).load_hf_model(weights["hf"])
     losses = []
     with torch.no_grad():
         for s in range(0, len(ids) - 1, window):
@@ -136,10 +140,14 @@ def test_cli_without_a_tokenizer_says_so(weights, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ a real run
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, demo_shards) -> Path:
+# RWKV-7: the rwkv7-tiny preset at 2 x 64 (one head) on top of configs/tiny.yaml
+ARCH_SETS = {"rwkv4": [], "rwkv7": ["model.preset=rwkv7-tiny", "model.n_layer=2", "model.n_embd=64"]}
+
+
+@pytest.fixture(scope="module", params=["rwkv4", "rwkv7"])
+def trained_run(request, tmp_path_factory, demo_shards) -> Path:
     """`python -m train` with configs/tiny.yaml on 2 processes (ZeRO-2), 10 steps, checkpoints every 5."""
-    run_dir = tmp_path_factory.mktemp("tiny_run")
+    run_dir = tmp_path_factory.mktemp(f"tiny_run_{request.param}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -148,6 +156,8 @@ def trained_run(tmp_path_factory, demo_shards) -> Path:
         "--set", f"run_dir={run_dir}", "--set", f"data.manifests=[{demo_shards}]",
         "--set", "train.steps=10", "--set", "checkpoint.every=5", "--set", "log.progress=false",
     ]  # fmt: skip
+    for s in ARCH_SETS[request.param]:
+        cmd += ["--set", s]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir

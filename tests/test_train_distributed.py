@@ -1,11 +1,12 @@
 """Real DeepSpeed training: 2 processes over gloo (torchrun), the tiny model on the demo shards.
 
-Per ZeRO stage: an uninterrupted run (the loss falls), and a run SIGKILLed after a checkpoint then
-relaunched, whose metrics.jsonl must equal the uninterrupted run's exactly (fp32 on CPU is
-deterministic). Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal
+Per architecture and ZeRO stage: an uninterrupted run (the loss falls), and a run SIGKILLed after a
+checkpoint then relaunched, whose metrics.jsonl must equal the uninterrupted run's exactly (fp32 on CPU
+is deterministic; RWKV-4 at ZeRO 1-3, RWKV-7 killed at ZeRO 3 only, its other stages run uninterrupted).
+Plus: a 2-process checkpoint resumed by 1 plain process through ds_to_universal
 (and that one resumed by 2 again); 2 tasks started as srun would, SIGTERM checkpointing, and the
 non-finite-loss guard; a step with a NaN inside one rank's forward pass leaves weights and
-optimizer state bit-identical (ZeRO 0-3, fp32 and bf16).
+optimizer state bit-identical (ZeRO 0-3, fp32 and bf16; RWKV-7 in fp32).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ TOKENS_PER_STEP = 4 * 2 * 64  # micro 4 x world 2 x ctx 64
 
 pytestmark = pytest.mark.slow
 
+# Per architecture: the --set overrides on top of configs/tiny.yaml (RWKV-4 4 x 128 as the file says;
+# RWKV-7 2 x 64, one head of 64, with weight decay on and an Adam eps of its own, so that the optimizer
+# groups seen in the checkpoint come from this config).
+# How far the loss falls in 12 steps at least (RWKV-7 2 x 64 at ZeRO 3 went 7.76 -> 6.63).
+FALL = {"rwkv4": 1.0, "rwkv7": 0.7}
+ARCH_SETS = {
+    "rwkv4": (),
+    "rwkv7": ("model.preset=rwkv7-tiny", "model.n_layer=2", "model.n_embd=64", "optim.eps=3e-8",
+              "optim.weight_decay=0.01"),
+}
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
@@ -43,7 +55,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cmd(nproc: int | None, run_dir: Path, manifest: str, *sets: str) -> list[str]:
+def _cmd(nproc: int | None, run_dir: Path, manifest: str, *sets: str, arch: str = "rwkv4") -> list[str]:
     launcher = (
         # --standalone: torchrun's store binds a free port itself (a port chosen here could be taken
         # by another process before torchrun binds it)
@@ -54,7 +66,7 @@ def _cmd(nproc: int | None, run_dir: Path, manifest: str, *sets: str) -> list[st
     base = [f"data.manifests=[{manifest}]", f"run_dir={run_dir}", "log.progress=false",
             f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=3", "eval.every=6",
             f"optim.decay_tokens={STEPS * TOKENS_PER_STEP}"]
-    for s in base + list(sets):
+    for s in base + list(ARCH_SETS[arch]) + list(sets):
         cmd += ["--set", s]
     return cmd
 
@@ -160,24 +172,35 @@ def _assert_same_metrics(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_shards, tmp_path_factory):
-    """One uninterrupted 2-process run per ZeRO stage (shared by the tests below)."""
+    """`uninterrupted(arch, stage)`: one uninterrupted 2-process run per architecture and ZeRO stage,
+    run on first use and shared by the tests below."""
     out = {}
     root = tmp_path_factory.mktemp("train_ref")
-    for stage in (1, 2, 3):
-        run_dir = root / f"zero{stage}"
-        text = _run(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}"), root / f"zero{stage}.log")
-        out[stage] = (run_dir, text)
-    return out
+
+    def get(arch: str, stage: int) -> tuple[Path, str]:
+        if (arch, stage) not in out:
+            run_dir = root / f"{arch}_zero{stage}"
+            text = _run(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}", arch=arch),
+                        root / f"{arch}_zero{stage}.log")
+            out[arch, stage] = (run_dir, text)
+        return out[arch, stage]
+
+    return get
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_loss_falls_and_kill_resume_is_exact(stage, uninterrupted, demo_shards, tmp_path):
-    ref, text = uninterrupted[stage]
+@pytest.mark.parametrize(
+    ("arch", "stage", "kill"),
+    [("rwkv4", 1, True), ("rwkv4", 2, True), ("rwkv4", 3, True),
+     ("rwkv7", 1, False), ("rwkv7", 2, False), ("rwkv7", 3, True)],
+    ids=["rwkv4-zero1", "rwkv4-zero2", "rwkv4-zero3", "rwkv7-zero1", "rwkv7-zero2", "rwkv7-zero3"],
+)
+def test_loss_falls_and_kill_resume_is_exact(arch, stage, kill, uninterrupted, demo_shards, tmp_path):
+    ref, text = uninterrupted(arch, stage)
     assert f"ZeRO stage {stage}" in text and "world size 2 (torchrun/deepspeed)" in text
     recs = _train_records(ref)
     assert sorted(recs) == list(range(1, STEPS + 1))
     first, last = recs[1]["loss"], sum(recs[s]["loss"] for s in (10, 11, 12)) / 3
-    assert last < first - 1.0, f"ZeRO {stage}: loss {first:.3f} -> {last:.3f} did not fall"
+    assert last < first - FALL[arch], f"{arch} ZeRO {stage}: loss {first:.3f} -> {last:.3f} did not fall"
     vals = [r["val_loss"] for r in _records(ref) if "val_loss" in r]
     assert len(vals) == 2 and vals[1] < vals[0]
     for r in recs.values():
@@ -185,11 +208,16 @@ def test_loss_falls_and_kill_resume_is_exact(stage, uninterrupted, demo_shards, 
     assert (ref / "config.resolved.yaml").is_file() and any((ref / "tb").iterdir())
     # keep 3: steps 4, 8, 12 complete, nothing older
     assert all(_complete(ref, s) for s in (4, 8, 12))
+    if arch == "rwkv7":
+        _check_rwkv7_checkpoint(ref, stage)
+    if not kill:
+        return
 
     run_dir = tmp_path / "killed"
     # The killed run is given more steps, as an interrupted long run has (the LR schedule is pinned
     # by optim.decay_tokens, so the steps it does take are the same); it stops after step 9 for the kill.
-    killed_at = _kill_after(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}", "train.steps=1000"),
+    killed_at = _kill_after(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}", "train.steps=1000",
+                                 arch=arch),
                             tmp_path / "killed.log", run_dir, min_step=2 * EVERY + 1, min_ckpt=2 * EVERY)
     assert killed_at < STEPS, "killed too late to test anything"
     expected_resume = 2 * EVERY
@@ -198,7 +226,8 @@ def test_loss_falls_and_kill_resume_is_exact(stage, uninterrupted, demo_shards, 
         victim = sorted((run_dir / "checkpoints" / "step8").glob("*optim_states.pt"))[0]
         victim.write_bytes(victim.read_bytes()[:1000])
         expected_resume = EVERY
-    text = _run(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}"), tmp_path / "resumed.log")
+    text = _run(_cmd(2, run_dir, demo_shards, f"train.zero_stage={stage}", arch=arch),
+                tmp_path / "resumed.log")
     resumed = run_dir / "checkpoints" / f"step{expected_resume}"
     assert f"resumed from {resumed} at step {expected_resume}" in text
     if stage == 1:
@@ -206,11 +235,55 @@ def test_loss_falls_and_kill_resume_is_exact(stage, uninterrupted, demo_shards, 
     _assert_same_metrics(ref, run_dir)
 
 
-def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_path):
+def _check_rwkv7_checkpoint(run_dir: Path, stage: int) -> None:
+    """RWKV-7's optimizer groups as DeepSpeed saved them, and layer 0's unused v0 (never a gradient):
+    untouched by every step, while the parameters that do get gradients moved."""
+    import torch
+
+    from launch.model_loading import load_any_weights
+
+    tag = run_dir / "checkpoints" / f"step{STEPS}"
+    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    states = torch.load(tag / model_file, map_location="cpu", weights_only=False)
+    optim = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]
+    base = optim.get("optimizer_state_dict", optim.get("base_optimizer_state"))  # ZeRO 3 / ZeRO 1-2
+    assert isinstance(base, dict) and "param_groups" in base, f"ZeRO {stage}: {sorted(optim)}"
+    groups = base["param_groups"]
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"lr_1x", "lr_2x", "decay"}, by_name
+    last_lr = _train_records(run_dir)[STEPS]["lr"]
+    for name, scale, wd in (("lr_1x", 1.0, 0.0), ("lr_2x", 2.0, 0.0), ("decay", 1.0, 0.01)):
+        g = by_name[name]
+        assert g["my_lr_scale"] == scale and g["weight_decay"] == wd and g["eps"] == 3e-8, g
+        assert g["lr"] == pytest.approx(last_lr * scale, rel=1e-12), g
+    # which parameter is in which group: DeepSpeed records the names per group in param_shapes
+    shapes = states["param_shapes"]
+    assert len(shapes) == len(groups)
+    names = [sorted(s) for s in shapes]
+    i2 = [g["name"] for g in groups].index("lr_2x")
+    assert names[i2] == ["blocks.0.att.w0", "blocks.1.att.w0"]
+    # RWKV-LM v7 decays only the `.weight` matrices: the LoRA matrices (w1, v1, ...) stay at 1x
+    decay, lr_1x = (names[[g["name"] for g in groups].index(k)] for k in ("decay", "lr_1x"))
+    assert "blocks.0.att.receptance.weight" in decay and "emb.weight" in decay
+    assert "blocks.0.att.v1" in lr_1x and "blocks.0.att.v0" in lr_1x
+
+    # (a ZeRO-3 checkpoint's tensors are lazy: gathered by .contiguous())
+    before, after = (
+        {k: v.contiguous() for k, v in load_any_weights(run_dir / "checkpoints", tag=tag).tensors.items()}
+        for tag in (f"step{EVERY}", f"step{STEPS}")
+    )
+    assert torch.equal(before["blocks.0.att.v0"], after["blocks.0.att.v0"])
+    for k in ("blocks.1.att.v0", "blocks.0.att.w0", "blocks.1.att.receptance.weight", "emb.weight"):
+        assert not torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7"])
+def test_universal_resume_two_processes_to_one(arch, uninterrupted, demo_shards, tmp_path):
     """A ZeRO-2 checkpoint of 2 processes, resumed by 1 process with no launcher (ds_to_universal,
     load_universal): world 1 x grad_accum 2 reads the same global batches, so the losses continue
     the 2-process run's up to float summation order."""
-    ref, _ = uninterrupted[2]
+    ref, _ = uninterrupted(arch, 2)
     run_dir = tmp_path / "one"
     shutil.copytree(ref, run_dir)
     (run_dir / "checkpoints" / "step12" / "complete.json").unlink()  # resume from step 8
@@ -219,7 +292,7 @@ def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_p
     partial = run_dir / "checkpoints" / "step8_universal"
     (partial / "zero").mkdir(parents=True)
     (partial / "zero" / "half_written.pt").write_bytes(b"partial")
-    text = _run(_cmd(None, run_dir, demo_shards, "train.zero_stage=2", "train.grad_accum=2"),
+    text = _run(_cmd(None, run_dir, demo_shards, "train.zero_stage=2", "train.grad_accum=2", arch=arch),
                 tmp_path / "one.log")
     assert "world size 1 (single)" in text
     assert "no valid complete.json (a conversion cut short" in text
@@ -239,13 +312,13 @@ def test_universal_resume_two_processes_to_one(uninterrupted, demo_shards, tmp_p
     # And back to 2 processes: rank 0 converts step12 while rank 1 waits on the marker file (no
     # collective pending, so a long conversion cannot hit the collective timeout).
     more = STEPS + EVERY
-    text = _run(_cmd(2, run_dir, demo_shards, "train.zero_stage=2", f"train.steps={more}"),
+    text = _run(_cmd(2, run_dir, demo_shards, "train.zero_stage=2", f"train.steps={more}", arch=arch),
                 tmp_path / "two.log")
     assert "rank 1: waiting for rank 0 to convert" in text
     assert f"at step {STEPS}" in text and "through a universal checkpoint" in text
     c = _train_records(run_dir)
     assert sorted(c) == list(range(1, more + 1))
-    assert all(c[s]["loss"] < a[1]["loss"] - 1.0 for s in range(STEPS + 1, more + 1))
+    assert all(c[s]["loss"] < a[1]["loss"] - FALL[arch] for s in range(STEPS + 1, more + 1))
     meta = json.loads((run_dir / "checkpoints" / f"step{more}" / "complete.json").read_text())
     assert meta["world_size"] == 2
 
@@ -330,20 +403,20 @@ def test_srun_tasks_sigterm_checkpoint_then_nan_guard(demo_shards, tmp_path):
     assert complete[-1] == k + 4 and k + 5 not in complete
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nonfinite_step_leaves_weights_and_optimizer_state_unchanged(precision, demo_shards, tmp_path):
+@pytest.mark.parametrize(("precision", "arch"), [("fp32", "rwkv4"), ("bf16", "rwkv4"), ("fp32", "rwkv7")])
+def test_nonfinite_step_leaves_weights_and_optimizer_state_unchanged(precision, arch, demo_shards, tmp_path):
     """tests/skip_step_check.py under torchrun, ZeRO 0, 1, 2 and 3 in one process group: NaN in rank 0's
     embedding output in the first of two micro-batches; every rank skips the step with its fp32
     master weights, Adam moments, step counts and model weights bit-identical; DeepSpeed saw finite
     (gated) gradients; the next step trains with a finite loss and does change the state."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "skip_step_check.py"), demo_shards,
-           str(tmp_path), precision, "0", "1", "2", "3"]
+           str(tmp_path), precision, arch, "0", "1", "2", "3"]
     text = _run(cmd, tmp_path / "skip.log", timeout=420)
     results = [json.loads(x[len("RESULT "):]) for x in text.splitlines() if x.startswith("RESULT ")]
     assert [r["stage"] for r in results] == [0, 1, 2, 3], text[-4000:]
     for r in results:
-        assert r["skipped"] and r["n_bad"] == 1, r
+        assert r["arch"] == arch and r["skipped"] and r["n_bad"] == 1, r
         assert r["unchanged_all_ranks"] and r["n_tensors"] > 0, r
         assert r["changed_after"] and r["losses_finite"] and r["weights_finite"], r
         if r["stage"] > 0:  # ZeRO 0 keeps no global norm in fp32

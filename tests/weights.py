@@ -20,6 +20,8 @@ def perturb(model: RWKV, seed: int = 0) -> RWKV:
 
     A fresh init zeroes several projections, which would hide a swapped or dropped tensor.
     """
+    if model.cfg.arch == "rwkv7":
+        return perturb_rwkv7(model, seed)
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         r = torch.randn(p.shape, generator=g)
@@ -35,6 +37,29 @@ def perturb(model: RWKV, seed: int = 0) -> RWKV:
             p.copy_(1.0 + 0.2 * r)
         else:
             p.copy_(0.2 * r)
+    return model
+
+
+@torch.no_grad()
+def perturb_rwkv7(model: RWKV, seed: int = 0) -> RWKV:
+    """`perturb` for RWKV-7 (as tests/test_model_rwkv7.py's perturb7): a fresh init zeroes the LoRA
+    down-projections, att.output and ffn.value."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        last = name.split(".")[-1]
+        if last in ("w1", "a1", "v1", "g1", "w2", "a2", "v2", "g2"):  # x @ W: fan-in is the first dim
+            p.copy_(r / math.sqrt(p.shape[0]) * 1.5)
+        elif p.dim() == 2 and last == "weight":  # Linear / Embedding weights (out, in)
+            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
+        elif last.startswith("x_"):
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+        elif last == "w0":
+            p.copy_(r - 1.0)
+        elif last == "weight":  # LayerNorm / GroupNorm gains
+            p.copy_(1.0 + 0.2 * r)
+        else:  # biases, a0, v0, k_k, k_a, r_k
+            p.copy_(0.5 * r)
     return model
 
 
