@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -337,6 +338,9 @@ def _stage0_fp32_masters(
 
 def _load_zero_fp32(tag_dir: Path, optim_files: list[Path], notes: list[str]) -> dict[str, Any] | None:
     """fp32 master weights from ZeRO partitions; None when the files hold no ZeRO partitions."""
+    # Reading partitions is host work: without this, DeepSpeed probes for an accelerator on import and
+    # logs its choice on stdout, ahead of the caller's output (generated text).
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
