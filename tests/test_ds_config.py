@@ -141,3 +141,12 @@ def test_overlap_comm_with_many_buckets_trains_exactly_like_one_bucket(
     errors = [line for line in out.splitlines() if "Error" in line or "overlap == sync" in line]
     assert proc.returncode == 0, "\n".join(errors[-20:]) or out[-3000:]
     assert proc.stdout.count("overlap == sync: True") == 2, proc.stdout[-3000:]
+
+
+def test_adam_eps_defaults_to_the_architectures_and_a_set_value_wins() -> None:
+    """RWKV-LM trains x070 with Adam eps 1e-18 and v4 with 1e-8; optim.eps, when given, is used as is."""
+    adam = ["optim.name=adam"]
+    rwkv7 = "model.preset=rwkv7-tiny"
+    runs = [(), (rwkv7,), ("model.arch=rwkv7",), (rwkv7, "optim.eps=1e-6")]
+    eps = [filled(*adam, *sets)["optimizer"]["params"]["eps"] for sets in runs]
+    assert eps == [1e-8, 1e-18, 1e-18, 1e-6]

@@ -93,7 +93,7 @@ def fill_ds_config(
         params = opt.setdefault("params", {})
         _fill(params, "lr", float(o.lr_init), "optimizer.params.lr", origin)
         _fill(params, "betas", [float(b) for b in o.betas], "optimizer.params.betas", origin)
-        _fill(params, "eps", float(o.eps), "optimizer.params.eps", origin)
+        _fill(params, "eps", adam_eps(cfg), "optimizer.params.eps", origin)
         _fill(params, "weight_decay", float(o.weight_decay), "optimizer.params.weight_decay", origin)
     else:
         # torch_adamw: the trainer builds the optimizer itself and passes it to deepspeed.initialize.
@@ -128,6 +128,21 @@ BUCKET_CAP = 500_000_000
 def zero12_bucket_size(n_embd: int) -> int:
     """ "auto" reduce/allgather bucket size for ZeRO 1/2: n_embd^2 elements within [5e7, 5e8]."""
     return int(min(max(n_embd * n_embd, BUCKET_FLOOR), BUCKET_CAP))
+
+
+def adam_eps(cfg: RunConfig) -> float:
+    """optim.eps, or when unset the default of the run's architecture (its module's ADAM_EPS)."""
+    if cfg.optim.eps is not None:
+        return float(cfg.optim.eps)
+    from train.config import ModelConfig
+    from train.models import architecture
+
+    arch = cfg.model.overrides.get("arch")
+    try:
+        arch = arch or ModelConfig.from_preset(cfg.model.preset).arch
+        return architecture(arch).ADAM_EPS
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{cfg.source}: model: {e}") from None
 
 
 def _model_width(cfg: RunConfig) -> int:

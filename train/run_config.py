@@ -90,7 +90,7 @@ class OptimSection:
     decay: str = "cosine"  # cosine | exponential | constant
     decay_tokens: int = 0  # tokens over which lr goes from lr_init to lr_final; 0 -> the whole run
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    eps: float = 1e-8
+    eps: float | None = None  # None: the architecture's (RWKV-7 1e-18 as RWKV-LM x070; RWKV-4 1e-8)
     weight_decay: float = 0.0  # applied to 2-D weight matrices only
     layerwise_lr: bool = True  # RWKV-LM multipliers: RWKV-4 time_decay x2, time_first x3; RWKV-7 w0 x2
 

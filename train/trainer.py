@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from train import checkpointing, distributed, ext_build, to_universal, val_positions
 from train.config import ModelConfig
 from train.data import TokenWindows, WeightedMixture, open_windows
-from train.ds_config import fill_ds_config, load_ds_config
+from train.ds_config import adam_eps, fill_ds_config, load_ds_config
 from train.loss import lm_loss
 from train.metrics import MetricsWriter, mfu, peak_tflops, truncate_metrics
 from train.models import ARCH_TITLES, architecture
@@ -251,7 +251,7 @@ class Trainer:
         self.n_params = sum(getattr(x, "ds_numel", x.numel()) for x in model.parameters())
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layerwise_lr)
         if cfg.optim.name == "torch_adamw":
-            opt = torch_adamw(groups, cfg.optim.lr_init, cfg.optim.betas, cfg.optim.eps)
+            opt = torch_adamw(groups, cfg.optim.lr_init, cfg.optim.betas, adam_eps(cfg))
             engine, optimizer, _, _ = deepspeed.initialize(
                 args=distributed.deepspeed_args(self.device), model=model, optimizer=opt, config=ds
             )

@@ -20,7 +20,7 @@ def architecture(arch: str) -> ModuleType:
 
     - ``Model``: the nn.Module (a subclass of ``train.model.RWKV``);
     - ``n_params(cfg)``, ``matmul_params(cfg)``, ``wkv_flops_per_token(cfg)``: counts for estimates and MFU;
-    - ``lr_scale(name, layerwise_lr)``, ``decays(name, matrix_dims)``: its optimizer groups;
+    - ``lr_scale(name, layerwise_lr)``, ``decays(name, matrix_dims)``, ``ADAM_EPS``: its optimizer;
     - ``activation_values_per_layer(cfg)``, ``wkv_scratch_bytes(cfg, ctx_len, micro_batch)``: memory;
     - ``config_from_shapes(shapes)``: ModelConfig fields read back from a state dict's tensor shapes.
     """

@@ -375,6 +375,9 @@ def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:
     return 2 * 4 * micro_batch * steps * cfg.dim_att
 
 
+ADAM_EPS = 1e-8  # RWKV-LM v4neo's default adam_eps
+
+
 def lr_scale(name: str, layerwise_lr: bool) -> float:
     """RWKV-LM v4neo (layerwise_lr > 0, my_pile_stage != 2): time_decay 2x, time_first 3x, the rest 1x."""
     if layerwise_lr and "time_decay" in name:

@@ -494,6 +494,9 @@ def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:
     return 0
 
 
+ADAM_EPS = 1e-18  # RWKV-LM x070's training scripts (--adam_eps 1e-18)
+
+
 def lr_scale(name: str, layerwise_lr: bool) -> float:
     """RWKV-LM v7 configure_optimizers: att.w0 2x, the rest 1x (all 1x without layerwise_lr)."""
     if layerwise_lr and "att.w0" in name:
