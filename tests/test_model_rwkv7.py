@@ -3,7 +3,6 @@ implementations (the `rwkv` inference package with RWKV_V7_ON=1, and the `rwkv7_
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from weights import perturb
 
 from train.config import PRESETS, ModelConfig
 from train.model import RWKV
@@ -36,29 +36,6 @@ def small_config(**overrides) -> ModelConfig:
     values = {"arch": "rwkv7", "n_layer": 3, "n_embd": 128, "vocab_size": 300, "ctx_len": 64}
     values.update(overrides)
     return ModelConfig(**values)
-
-
-@torch.no_grad()
-def perturb7(model: RWKV, seed: int = 0) -> RWKV:
-    """Random values in every tensor, scaled so activations stay O(1): a fresh init zeroes the LoRA
-    down-projections, att.output and ffn.value, which would hide a swapped or dropped tensor."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-        last = name.split(".")[-1]
-        if last in ("w1", "a1", "v1", "g1", "w2", "a2", "v2", "g2"):  # x @ W: fan-in is the first dim
-            p.copy_(r / math.sqrt(p.shape[0]) * 1.5)
-        elif p.dim() == 2 and last == "weight":  # Linear / Embedding weights (out, in)
-            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
-        elif last.startswith("x_"):
-            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-        elif last == "w0":
-            p.copy_(r - 1.0)
-        elif last == "weight":  # LayerNorm / GroupNorm gains
-            p.copy_(1.0 + 0.2 * r)
-        else:  # biases, a0, v0, k_k, k_a, r_k
-            p.copy_(0.5 * r)
-    return model
 
 
 # ---------------------------------------------------------------------------------------- the rwkv package
@@ -98,7 +75,7 @@ def test_logits_and_state_match_the_rwkv_package(tmp_path):
     """Our state_dict saved as a .pth, unrenamed, loads in `rwkv.model.RWKV` (x070, cpu fp32); its logits
     for every position and its final state (att_x, wkv, ffn_x per layer) match ours in both modes."""
     torch.manual_seed(1)
-    model = perturb7(RWKV(small_config()), seed=1).eval()
+    model = perturb(RWKV(small_config()), seed=1).eval()
     pth = tmp_path / "rwkv7-small.pth"
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, pth)
     tokens = [5, 17, 250, 3, 99, 42, 7, 0, 299, 128, 64, 5]
@@ -263,7 +240,7 @@ def test_init_on_meta_then_materialised_equals_direct_init():
 def test_rnn_mode_equals_parallel_mode_fp64():
     """Token by token, in uneven chunks, and batched: the same logits as the parallel forward (fp64)."""
     torch.manual_seed(0)
-    model = perturb7(RWKV(small_config(n_layer=2)).double(), seed=3).eval()
+    model = perturb(RWKV(small_config(n_layer=2)).double(), seed=3).eval()
     idx = torch.randint(0, 300, (2, 50))
     with torch.no_grad():
         parallel = model(idx)
@@ -283,7 +260,7 @@ def test_rnn_mode_equals_parallel_mode_fp64():
 
 def test_forward_with_state_across_windows_equals_one_window():
     torch.manual_seed(0)
-    model = perturb7(RWKV(small_config(n_layer=2)).double(), seed=4)
+    model = perturb(RWKV(small_config(n_layer=2)).double(), seed=4)
     idx = torch.randint(0, 300, (2, 20))
     whole, whole_state = model.forward_with_state(idx)
     first, state = model.forward_with_state(idx[:, :9])
@@ -298,7 +275,7 @@ def test_forward_with_state_across_windows_equals_one_window():
 
 
 def test_forward_rnn_leaves_the_given_state_untouched_and_checks_its_shape():
-    model = perturb7(RWKV(small_config(n_layer=2))).eval()
+    model = perturb(RWKV(small_config(n_layer=2))).eval()
     with torch.no_grad():
         _, state = model.forward_rnn(torch.tensor([1, 2, 3]))
         before = State(*(t.clone() for t in state))
@@ -318,7 +295,7 @@ def test_forward_rnn_leaves_the_given_state_untouched_and_checks_its_shape():
 def test_gradients_reach_every_parameter_that_the_math_uses():
     """Nonzero gradient everywhere but layer 0's v0/v1/v2, which exist (as in RWKV-LM) but are unused."""
     torch.manual_seed(0)
-    model = perturb7(RWKV(small_config(n_layer=2)).double(), seed=5)
+    model = perturb(RWKV(small_config(n_layer=2)).double(), seed=5)
     idx = torch.randint(0, 300, (2, 8))
     torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
     unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
@@ -332,8 +309,8 @@ def test_gradients_reach_every_parameter_that_the_math_uses():
 def test_gradient_checkpointing_gives_equal_gradients():
     torch.manual_seed(3)
     cfg = small_config(n_layer=2)
-    plain = perturb7(RWKV(cfg).double(), seed=6)
-    ckpt = perturb7(RWKV(ModelConfig(**{**cfg.to_dict(), "grad_cp": True})).double(), seed=6)
+    plain = perturb(RWKV(cfg).double(), seed=6)
+    ckpt = perturb(RWKV(ModelConfig(**{**cfg.to_dict(), "grad_cp": True})).double(), seed=6)
     idx = torch.randint(0, 300, (2, 8))
     for m in (plain, ckpt):
         m(idx).square().mean().backward()
@@ -361,7 +338,7 @@ def hf_model_from_ours(model: RWKV):
 
 def test_logits_match_the_rwkv7_hf_reference():
     torch.manual_seed(2)
-    model = perturb7(RWKV(small_config()), seed=2).eval()
+    model = perturb(RWKV(small_config()), seed=2).eval()
     hf = hf_model_from_ours(model)
     idx = torch.randint(0, 300, (2, 11))
     with torch.no_grad():
@@ -378,7 +355,7 @@ def test_hf_mapping_agrees_with_rwkv7_hf_converter_and_round_trips():
 
     from launch.hf_format_rwkv7 import UNUSED, from_hf_state_dict, to_hf_state_dict
 
-    model = perturb7(RWKV(small_config()), seed=7)
+    model = perturb(RWKV(small_config()), seed=7)
     sd = model.state_dict()
     ours = to_hf_state_dict(sd)
     template = hf_model_from_ours(model).state_dict()
@@ -410,7 +387,7 @@ def test_flops_per_token_counts_the_matmuls_of_a_training_step(monkeypatch):
 
     monkeypatch.setattr(rwkv7, "wkv7", elementwise_wkv)
     cfg = small_config(n_layer=2)
-    model = perturb7(RWKV(cfg))
+    model = perturb(RWKV(cfg))
     idx = torch.randint(0, cfg.vocab_size, (2, 8))
     counter = FlopCounterMode(display=False)
     with counter:
@@ -422,7 +399,7 @@ def test_flops_per_token_counts_the_matmuls_of_a_training_step(monkeypatch):
 
 def test_bf16_model_tracks_fp32_in_both_modes():
     torch.manual_seed(0)
-    model = perturb7(RWKV(small_config(n_layer=2)), seed=8).eval()
+    model = perturb(RWKV(small_config(n_layer=2)), seed=8).eval()
     idx = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         ref = model(idx)
@@ -440,7 +417,7 @@ def test_a_released_style_checkpoint_loads_by_its_shapes():
     """A bf16 state dict in RWKV-LM names (as the released .pth files are) loads strictly into the model
     that config_from_state_dict describes, with non-default LoRA widths."""
     src = RWKV(small_config(n_layer=2, dim_w_lora=64, dim_a_lora=32, dim_v_lora=32, dim_g_lora=96))
-    sd = {k: v.to(torch.bfloat16) for k, v in perturb7(src, seed=9).state_dict().items()}
+    sd = {k: v.to(torch.bfloat16) for k, v in perturb(src, seed=9).state_dict().items()}
     cfg = ModelConfig(**config_from_state_dict(sd))
     assert (cfg.dim_w_lora, cfg.dim_a_lora, cfg.dim_v_lora, cfg.dim_g_lora) == (64, 32, 32, 96)
     model = RWKV(cfg)
@@ -453,7 +430,7 @@ def test_hf_directory_loads_with_from_pretrained(tmp_path):
 
     from launch.hf_format_rwkv7 import save_hf_dir
 
-    model = perturb7(RWKV(small_config(n_layer=2)), seed=10).eval()
+    model = perturb(RWKV(small_config(n_layer=2)), seed=10).eval()
     save_hf_dir(model.state_dict(), model.cfg.to_dict(), tmp_path / "hf")
     hf = RWKV7ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 300, (1, 9))

@@ -42,8 +42,8 @@ def perturb(model: RWKV, seed: int = 0) -> RWKV:
 
 @torch.no_grad()
 def perturb_rwkv7(model: RWKV, seed: int = 0) -> RWKV:
-    """`perturb` for RWKV-7 (as tests/test_model_rwkv7.py's perturb7): a fresh init zeroes the LoRA
-    down-projections, att.output and ffn.value."""
+    """`perturb` for RWKV-7: a fresh init zeroes the LoRA down-projections, att.output and ffn.value,
+    which would hide a swapped or dropped tensor."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         r = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
