@@ -73,6 +73,17 @@ class MatmulPeak:
         return 2 * self.n**3 / best
 
 
+class Logits(torch.nn.Module):
+    """A Hugging Face causal LM with our call signature: idx -> logits (no cache)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.inner(idx, use_cache=False).logits
+
+
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     from transformers import RwkvConfig, RwkvForCausalLM
 
@@ -87,17 +98,7 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
         rescale_every=0,
         tie_word_embeddings=False,
     )
-    model = RwkvForCausalLM(hf_cfg)
-
-    class Logits(torch.nn.Module):  # same call signature as ours: idx -> logits
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = model
-
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            return self.inner(idx, use_cache=False).logits
-
-    return Logits()
+    return Logits(RwkvForCausalLM(hf_cfg))
 
 
 def rwkv7_hf_model(ours: torch.nn.Module) -> torch.nn.Module:
@@ -110,16 +111,7 @@ def rwkv7_hf_model(ours: torch.nn.Module) -> torch.nn.Module:
     model = RWKV7ForCausalLM(RWKV7Config(**config))
     model.load_state_dict(hf_format_rwkv7.to_hf_state_dict(sd), strict=True)
     assert not model.model.gradient_checkpointing  # off by default: the faster way to train
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = model
-
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            return self.inner(idx, use_cache=False).logits
-
-    return Logits()
+    return Logits(model)
 
 
 def baseline_model(ours: torch.nn.Module) -> torch.nn.Module:
