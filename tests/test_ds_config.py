@@ -96,7 +96,11 @@ for name, (overlap, bucket) in variants.items():
 same = all(torch.equal(a, b) for a, b in zip(final["overlap"], final["sync"], strict=True))
 diff = max(float((a - b).abs().max()) for a, b in zip(final["overlap"], final["sync"], strict=True))
 print(f"rank {rank}: overlap == sync: {same} (max difference {diff})", flush=True)
-sys.exit(0 if same else 1)
+torch.distributed.barrier()
+sys.stdout.flush()
+# DeepSpeed's overlap_comm with gloo on CPU can abort in interpreter teardown ("terminate called
+# without an active exception") after all work is done and printed; skip the teardown.
+os._exit(0 if same else 1)
 """
 
 
@@ -139,7 +143,7 @@ def test_overlap_comm_with_many_buckets_trains_exactly_like_one_bucket(
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     errors = [line for line in out.splitlines() if "Error" in line or "overlap == sync" in line]
-    assert proc.returncode == 0, "\n".join(errors[-20:]) or out[-3000:]
+    assert proc.returncode == 0, "\n".join(errors[-20:]) + "\n" + out[-3000:]
     assert proc.stdout.count("overlap == sync: True") == 2, proc.stdout[-3000:]
 
 
