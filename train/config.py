@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WKV_BACKENDS = ("auto", "cuda", "cpu", "reference")
-ARCHS = ("rwkv4", "rwkv7")
+ARCHS = ("rwkv4", "rwkv5", "rwkv6", "rwkv7")
 
 # Size presets. The plain names follow the RWKV-4 Pile models (BlinkDL/rwkv-4-pile-*):
 # layers x width, vocabulary of the GPT-NeoX 20B tokenizer (50277), ctx 1024.
@@ -36,6 +36,25 @@ PRESETS.update(
     }
 )
 
+# RWKV-5 (x052, Eagle) and RWKV-6 (x060, Finch) as the released World models: World tokenizer (65536),
+# ctx 4096, head size 64, dim_ffn 3.5 n_embd (rounded down to a multiple of 32).
+_RWKV5 = {"arch": "rwkv5", "vocab_size": 65536, "ctx_len": 4096}
+_RWKV6 = {**_RWKV5, "arch": "rwkv6"}
+PRESETS.update(
+    {
+        "rwkv5-tiny": {**_RWKV5, "n_layer": 4, "n_embd": 128, "ctx_len": 256},
+        "rwkv5-0.4b": {**_RWKV5, "n_layer": 24, "n_embd": 1024},
+        "rwkv5-1.5b": {**_RWKV5, "n_layer": 24, "n_embd": 2048},
+        "rwkv5-3b": {**_RWKV5, "n_layer": 32, "n_embd": 2560},
+        "rwkv5-7b": {**_RWKV5, "n_layer": 32, "n_embd": 4096},
+        "rwkv6-tiny": {**_RWKV6, "n_layer": 4, "n_embd": 128, "ctx_len": 256},
+        "rwkv6-1.6b": {**_RWKV6, "n_layer": 24, "n_embd": 2048},
+        "rwkv6-3b": {**_RWKV6, "n_layer": 32, "n_embd": 2560},
+        "rwkv6-7b": {**_RWKV6, "n_layer": 32, "n_embd": 4096},
+        "rwkv6-14b": {**_RWKV6, "n_layer": 61, "n_embd": 4096},
+    }
+)
+
 # Fields that are settings of a run, not shapes of the weights: a resume may change them.
 RUNTIME_FIELDS = ("preset", "grad_cp", "wkv_backend", "wkv_chunk_len", "ctx_len")
 
@@ -53,13 +72,20 @@ def rwkv7_lora_width(n_embd: int, factor: float, power: float) -> int:
     return max(32, int(round(factor * n_embd**power / 32)) * 32)
 
 
+def rwkv6_lora_widths(n_embd: int) -> tuple[int, int]:
+    """RWKV-6 (x060) LoRA widths of the released models: token-shift mix 32 and decay 64, doubled
+    from n_embd 4096 (RWKV-LM's TIME_MIX_EXTRA_DIM / TIME_DECAY_EXTRA_DIM)."""
+    return (64, 128) if n_embd >= 4096 else (32, 64)
+
+
 @dataclass
 class ModelConfig:
     """Sizes of an RWKV model. `dim_att`/`dim_ffn` default to n_embd / 4*n_embd as in RWKV-LM.
 
-    `arch` picks the generation (rwkv4, rwkv7); `head_size` and the `dim_*_lora` widths are RWKV-7's
-    (0: the width the released x070 checkpoints use for this n_embd, see `rwkv7_lora_width`; they stay
-    0 for RWKV-4).
+    `arch` picks the generation (rwkv4, rwkv5, rwkv6, rwkv7); `head_size` is RWKV-5/6/7's, the
+    `dim_{w,a,v,g}_lora` widths RWKV-7's (0: the width the released x070 checkpoints use for this n_embd,
+    see `rwkv7_lora_width`), `dim_mix_lora`/`dim_decay_lora` RWKV-6's (0: `rwkv6_lora_widths`); the
+    widths of other generations stay 0. dim_ffn defaults to 3.5 n_embd for RWKV-5/6.
     """
 
     n_layer: int
@@ -75,6 +101,8 @@ class ModelConfig:
     dim_a_lora: int = 0  # in-context learning rate
     dim_v_lora: int = 0  # value residual
     dim_g_lora: int = 0  # output gate
+    dim_mix_lora: int = 0  # RWKV-6 data-dependent token shift (0: rwkv6_lora_widths)
+    dim_decay_lora: int = 0  # RWKV-6 data-dependent decay (0: rwkv6_lora_widths)
     grad_cp: bool = False  # gradient checkpointing per block
     wkv_backend: str = "auto"  # auto | cuda | cpu | reference
     # WKV kernel calls of at most this many steps, the state carried between them (0: one call per
@@ -91,11 +119,19 @@ class ModelConfig:
                 setattr(self, lora, rwkv7_lora_width(self.n_embd, factor, power))
         if self.dim_att == 0:
             self.dim_att = self.n_embd
+        if self.arch == "rwkv6":
+            mix, decay = rwkv6_lora_widths(self.n_embd)
+            self.dim_mix_lora = self.dim_mix_lora or mix
+            self.dim_decay_lora = self.dim_decay_lora or decay
         if self.dim_ffn == 0:
-            self.dim_ffn = 4 * self.n_embd
+            # RWKV-LM v5 train.py (x052, x060): int(n_embd * 3.5) // 32 * 32
+            wide = self.arch in ("rwkv5", "rwkv6")
+            self.dim_ffn = int(self.n_embd * 3.5) // 32 * 32 if wide else 4 * self.n_embd
         positive = ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn", "head_size")
         if self.arch == "rwkv7":
             positive += tuple(lora for lora, _, _ in _RWKV7_LORA)
+        if self.arch == "rwkv6":
+            positive += ("dim_mix_lora", "dim_decay_lora")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -111,7 +147,7 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.dim_att ({self.dim_att}) must equal n_embd ({self.n_embd})"
             )
-        if self.arch == "rwkv7" and self.dim_att % self.head_size:
+        if self.arch in ("rwkv5", "rwkv6", "rwkv7") and self.dim_att % self.head_size:
             raise ValueError(
                 f"ModelConfig.dim_att ({self.dim_att}) must be a multiple of head_size ({self.head_size})"
             )
