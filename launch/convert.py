@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data_prep.output_paths import OutputPathError, check_writable_dir, check_writable_file
 from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec
-from launch.hf_format import hf_format
+from launch.hf_format import NO_HF_FORMAT, hf_format
 from launch.model_loading import SIDECAR_NAME_HF, load_any_weights, model_config_from
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,6 +164,8 @@ def convert(
     # checks every tensor of every layer against the architecture: nothing is dropped silently
     loaded = load_any_weights(input, tag=tag, model_config_path=model_config_path)
     side = _sidecar(loaded)
+    if to == "hf" and side["model"]["arch"] in NO_HF_FORMAT:  # refused before anything is written
+        raise CheckpointError(f"{loaded.source}: {NO_HF_FORMAT[side['model']['arch']]}")
     if verify:
         needed = verifier_package(to, side["model"]["arch"])
         if needed and importlib.util.find_spec(needed) is None:

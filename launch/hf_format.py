@@ -17,10 +17,19 @@ from types import ModuleType
 from typing import Any
 
 HF_FORMAT_MODULES = {"rwkv4": "launch.hf_format_rwkv4", "rwkv7": "launch.hf_format_rwkv7"}
+# Architectures without a Hugging Face format here, and what to use instead.
+NO_HF_FORMAT = {
+    "rwkv5": "RWKV-5 (x052) has no Hugging Face format in this pipeline; convert with --to rwkv (a .pth for "
+    "the rwkv package) or --to fp32",
+    "rwkv6": "RWKV-6 (x060) has no Hugging Face format in this pipeline; convert with --to rwkv (a .pth for "
+    "the rwkv package) or --to fp32",
+}
 
 
 def hf_format(arch: str) -> ModuleType:
     """The HF format module of architecture `arch`."""
+    if arch in NO_HF_FORMAT:
+        raise ValueError(NO_HF_FORMAT[arch])
     if arch not in HF_FORMAT_MODULES:
         raise ValueError(f"no Hugging Face format for architecture {arch!r}")
     return importlib.import_module(HF_FORMAT_MODULES[arch])

@@ -22,6 +22,8 @@ def perturb(model: RWKV, seed: int = 0) -> RWKV:
     """
     if model.cfg.arch == "rwkv7":
         return perturb_rwkv7(model, seed)
+    if model.cfg.arch in ("rwkv5", "rwkv6"):
+        return perturb_rwkv56(model, seed)
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         r = torch.randn(p.shape, generator=g)
@@ -60,6 +62,31 @@ def perturb_rwkv7(model: RWKV, seed: int = 0) -> RWKV:
             p.copy_(1.0 + 0.2 * r)
         else:  # biases, a0, v0, k_k, k_a, r_k
             p.copy_(0.5 * r)
+    return model
+
+
+@torch.no_grad()
+def perturb_rwkv56(model: RWKV, seed: int = 0) -> RWKV:
+    """`perturb` for RWKV-5/6: a fresh init zeroes att.output, ffn.value, ffn.receptance and the x060
+    LoRA down-projections, which would hide a swapped or dropped tensor."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        last = name.split(".")[-1]
+        if last.endswith("_w1") or last.endswith("_w2"):  # x @ W: fan-in is the second-to-last dim
+            p.copy_(r / math.sqrt(p.shape[-2]) * 1.5)
+        elif p.dim() == 2 and last == "weight":  # Linear / Embedding weights (out, in)
+            p.copy_(r / math.sqrt(p.shape[1]) * 1.5)
+        elif last.startswith("time_mix") or last.startswith("time_maa"):
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+        elif last == "time_decay":
+            p.copy_(r * 1.5 - 1.0)
+        elif last == "time_faaaa":
+            p.copy_(r)
+        elif last == "weight":  # LayerNorm / GroupNorm gains
+            p.copy_(1.0 + 0.2 * r)
+        else:  # biases
+            p.copy_(0.2 * r)
     return model
 
 
