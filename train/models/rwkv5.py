@@ -431,15 +431,15 @@ def wkv_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def activation_values_per_layer(cfg: ModelConfig) -> int:
-    """16-bit values a layer keeps per token for the backward, without checkpointing: 27 n_embd plus
-    7 dim_ffn at dim_att = n_embd (measured with saved-tensor hooks, tests/test_estimate.py).
+    """16-bit values a layer keeps per token for the backward, without checkpointing: 22 n_embd plus
+    3 dim_ffn (measured with saved-tensor hooks at dim_att = n_embd, tests/test_estimate.py).
 
-    Time mixing: ln1 out, the shift, x - xx, four mixes, r/k/v, the gate and its silu, ln_x in/out and
-    its statistics, y * g (about 17 n_embd); the WKV-6 op's inputs r, w, k, v are kept by the op as
-    well. Channel mixing: ln2 out, the shift, x - xx, two mixes, r and its sigmoid, value(.) (8 n_embd)
-    and three dim_ffn tensors around relu^2.
+    Time mixing: ln1 out, the shift, the four mixes, the gate and its silu, ln_x in/out, y * g (about
+    14 n_embd) and the WKV-6 op's inputs r, w, k, v (4 n_embd, what a compiled kernel keeps; the
+    pure-PyTorch loop saves a state per step instead). Channel mixing: ln2 out, the shift, two mixes,
+    r, its sigmoid, value(.) (about 4 n_embd) and three dim_ffn tensors around relu^2.
     """
-    return 27 * cfg.n_embd + 3 * cfg.dim_ffn
+    return 22 * cfg.n_embd + 3 * cfg.dim_ffn
 
 
 def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:

@@ -29,7 +29,6 @@ from train.models import rwkv5
 from train.models.rwkv5 import (  # noqa: F401  (the pipeline asks every arch module for these)
     ADAM_EPS,
     State,
-    activation_values_per_layer,
     decays,
     layer_ratios,
     lr_scale,
@@ -187,6 +186,13 @@ def n_params(cfg: ModelConfig) -> int:
 def matmul_params(cfg: ModelConfig) -> int:
     """RWKV-5's projections and head plus the LoRA factors."""
     return rwkv5.matmul_params(cfg) + cfg.n_layer * _lora_params(cfg)
+
+
+def activation_values_per_layer(cfg: ModelConfig) -> int:
+    """RWKV-5's (`rwkv5.activation_values_per_layer`) plus the data-dependent shift and decay: x - xx,
+    time_maa_x's mix, the LoRA hidden (tanh in/out), the five offsets, the decay LoRA: 6 n_embd more
+    (measured with saved-tensor hooks, tests/test_estimate.py)."""
+    return rwkv5.activation_values_per_layer(cfg) + 6 * cfg.n_embd
 
 
 def wkv_flops_per_token(cfg: ModelConfig) -> float:
