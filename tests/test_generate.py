@@ -1,6 +1,7 @@
 """launch.generate: seeded RNN-mode sampling, nucleus sampling, perplexity scoring, and the command
 line on every weight format the pipeline produces (including a checkpoint of a real training run);
-RWKV-4 and RWKV-7 (whose HF format runs in the `rwkv7_hf` reference model)."""
+RWKV-4 and RWKV-7 (whose HF format runs in the `rwkv7_hf` reference model), RWKV-5 and RWKV-6 (no HF
+format: their .pth runs in the `rwkv` package)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def tok(demo_tokenizer):
     return load_tokenizer(str(demo_tokenizer))
 
 
-@pytest.fixture(scope="module", params=["rwkv4", "rwkv7"])
+HAS_HF = {"rwkv4": True, "rwkv5": False, "rwkv6": False, "rwkv7": True}
+
+
+@pytest.fixture(scope="module", params=["rwkv4", "rwkv5", "rwkv6", "rwkv7"])
 def weights(request, tmp_path_factory, demo_tokenizer, tok) -> dict:
     """A perturbed 2-layer model as a state dict (tokenizer recorded beside it), .pth and HF dir."""
     cfg = ModelConfig(arch=request.param, n_layer=2, n_embd=64, vocab_size=tok.vocab_size, ctx_len=32,
@@ -42,7 +46,8 @@ def weights(request, tmp_path_factory, demo_tokenizer, tok) -> dict:
     torch.save(model.state_dict(), sd)
     (d / "model.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": str(demo_tokenizer)}))
     assert convert.main(["--input", str(sd), "--to", "rwkv", "--output", str(d / "rwkv.pth")]) == 0
-    assert convert.main(["--input", str(sd), "--to", "hf", "--output", str(d / "hf")]) == 0
+    if HAS_HF[request.param]:
+        assert convert.main(["--input", str(sd), "--to", "hf", "--output", str(d / "hf")]) == 0
     return {"model": model, "state_dict": sd, "pth": d / "rwkv.pth", "hf": d / "hf", "dir": d,
             "arch": request.param}
 
@@ -103,15 +108,22 @@ def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     got = json.loads(report.read_text())
 
-    # independent: the HF conversion in transformers (RWKV-4) or rwkv7_hf (RWKV-7), log-softmax by hand,
-    # the same windows
+    # independent: the HF conversion in transformers (RWKV-4) or rwkv7_hf (RWKV-7), the .pth in the rwkv
+    # package (RWKV-5/6); log-softmax by hand, the same windows
     ids = torch.tensor(tok.encode(text_file.read_text(encoding="utf-8")))
-    hf = hf_format(weights["arch"]).load_hf_model(weights["hf"])
+    if HAS_HF[weights["arch"]]:
+        hf = hf_format(weights["arch"]).load_hf_model(weights["hf"])
+
+        def logits_of(t: torch.Tensor) -> torch.Tensor:
+            return hf(t.unsqueeze(0)).logits[0]
+    else:
+        def logits_of(t: torch.Tensor) -> torch.Tensor:
+            return convert.rwkv_package_logits(weights["pth"], t, weights["arch"])
     losses = []
     with torch.no_grad():
         for s in range(0, len(ids) - 1, window):
             chunk = ids[s : s + window + 1]
-            logp = torch.log_softmax(hf(chunk[:-1].unsqueeze(0)).logits[0].double(), -1)
+            logp = torch.log_softmax(logits_of(chunk[:-1]).double(), -1)
             losses.append(-logp.gather(1, chunk[1:, None])[:, 0])
     losses = torch.cat(losses)
     assert got["tokens"] == printed["tokens"] == len(ids) - 1 == len(got["token_losses"])
@@ -123,7 +135,7 @@ def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_
 # ------------------------------------------------------------------------------------ command line
 def test_cli_gives_the_same_text_from_state_dict_pth_and_hf(weights, capsys):
     outs = []
-    for source in ("state_dict", "pth", "hf"):
+    for source in ("state_dict", "pth", "hf") if HAS_HF[weights["arch"]] else ("state_dict", "pth", "pth"):
         argv = ["--weights", str(weights[source]), "--prompt", "KING.", "--max-tokens", "24", "--seed", "3"]
         assert generate.main(argv) == 0
         outs.append(capsys.readouterr().out)
