@@ -344,3 +344,52 @@ def test_rwkv7_truncated_pth_is_refused_naming_the_file(source7, tmp_path, capsy
         err = capsys.readouterr().err
         assert str(bad) in err and ("truncated" in err or "corrupt" in err)
         assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ RWKV-5 / RWKV-6
+@pytest.fixture(scope="module", params=["rwkv5", "rwkv6"])
+def source56(request, tmp_path_factory, demo_tokenizer) -> dict:
+    """A perturbed 2-layer RWKV-5 or RWKV-6 model (2 x 64, one head) saved as a plain state dict,
+    config beside it."""
+    from data_prep.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(demo_tokenizer)).vocab_size
+    cfg = ModelConfig(arch=request.param, n_layer=2, n_embd=64, vocab_size=vocab, ctx_len=64,
+                      wkv_backend="reference")
+    torch.manual_seed(0)
+    model = perturb(RWKV(cfg), seed=1).eval()
+    d = tmp_path_factory.mktemp(f"convert_src_{request.param}")
+    path = d / "model.pt"
+    torch.save(model.state_dict(), path)
+    (d / "model.json").write_text(json.dumps({"model": cfg.to_dict(), "tokenizer": str(demo_tokenizer)}))
+    return {"path": path, "model": model, "cfg": cfg}
+
+
+def test_rwkv56_bare_pth_is_inferred_verified_and_runs_in_the_rwkv_package(source56, text_ids, tmp_path,
+                                                                           capsys):
+    """A .pth with no config beside it (as RWKV-LM writes them): the generation from its tensor names, its
+    sizes (x060 LoRA widths too) from the shapes; --verify runs the output in the `rwkv` package."""
+    bare = tmp_path / "bare.pth"
+    shutil.copy(source56["path"], bare)
+    out = tmp_path / "bare_rwkv.pth"
+    with pytest.warns(UserWarning, match="inferred from tensor shapes"):
+        assert run_convert("--input", bare, "--to", "rwkv", "--output", out, "--verify") == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verify:")][0]
+    assert float(line.split("=")[1].split()[0]) <= FP32_TOL
+    side = json.loads(out.with_suffix(".json").read_text())["model"]
+    cfg = source56["cfg"]
+    assert side["arch"] == cfg.arch
+    for k in ("n_layer", "n_embd", "dim_ffn", "head_size", "dim_mix_lora", "dim_decay_lora", "vocab_size"):
+        assert side[k] == getattr(cfg, k), k
+    theirs = convert.rwkv_package_logits(out, text_ids, cfg.arch)
+    assert (theirs - our_logits(source56["model"], text_ids)).abs().max().item() <= FP32_TOL
+    got, want = torch.load(out, weights_only=True), source56["model"].state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_rwkv56_hf_output_is_refused_saying_there_is_no_hf_format(source56, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert run_convert("--input", source56["path"], "--to", "hf", "--output", out) == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face format" in err and "--to rwkv" in err
+    assert not (out / "model.safetensors").exists()
