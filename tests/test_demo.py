@@ -110,11 +110,11 @@ def test_demo_converted_weights_load_and_agree(demo_run) -> None:
 
 
 def test_arch_flag_picks_the_preset_and_keeps_the_demo_sizes(tmp_path) -> None:
-    """--arch rwkv4 trains the demo's sizes as RWKV-4; the default is RWKV-7."""
+    """--arch rwkv4|rwkv5|rwkv6 trains the demo's sizes as that generation; the default is RWKV-7."""
     from launch.demo import build_parser, demo_settings, run_config
     from train.config import ModelConfig
 
-    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4")):
+    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4"), ("rwkv5", "rwkv5"), ("rwkv6", "rwkv6")):
         args = build_parser().parse_args(["--out", str(tmp_path), "--arch", arch])
         model = run_config(demo_settings(args)).model
         sizes = {k: v for k, v in model.overrides.items() if k in ("n_layer", "n_embd")}
