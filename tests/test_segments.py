@@ -113,8 +113,8 @@ def _model(arch: str, backend: str, grad_cp: bool = False) -> RWKV:
     if arch == "rwkv4":
         cfg = ModelConfig(n_embd=16, wkv_backend=backend, **common)
     else:
-        # head size 64: the width the WKV-7 kernels (and their CPU twin) are built for
-        cfg = ModelConfig.from_preset("rwkv7-tiny", n_embd=64, head_size=64, wkv_backend=backend, **common)
+        # head size 64: the width the WKV-7/WKV-6 kernels (and their CPU twins) are built for
+        cfg = ModelConfig.from_preset(f"{arch}-tiny", n_embd=64, head_size=64, wkv_backend=backend, **common)
     model = RWKV(cfg).double()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # fresh inits zero several projections: make every gradient non-trivial
