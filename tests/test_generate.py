@@ -117,8 +117,13 @@ def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_
         def logits_of(t: torch.Tensor) -> torch.Tensor:
             return hf(t.unsqueeze(0)).logits[0]
     else:
+        convert.rwkv_package_logits(weights["pth"], ids[:1], weights["arch"])  # sets the package's env
+        from rwkv.model import RWKV as RwkvPackageModel
+
+        pkg = RwkvPackageModel(model=str(weights["pth"]), strategy="cpu fp32", verbose=False)
+
         def logits_of(t: torch.Tensor) -> torch.Tensor:
-            return convert.rwkv_package_logits(weights["pth"], t, weights["arch"])
+            return pkg.forward(t.tolist(), None, full_output=True)[0].float()
     losses = []
     with torch.no_grad():
         for s in range(0, len(ids) - 1, window):

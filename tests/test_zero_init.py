@@ -28,10 +28,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-# per preset: the overrides that make it small (RWKV-7 heads are 64 wide: two of them)
+# per preset: the overrides that make it small (RWKV-6/7 heads are 64 wide: two of them; RWKV-6 covers
+# RWKV-5's init code as well, plus its uniform LoRA factors)
 SMALL = {
     "tiny": {"n_layer": 3, "n_embd": 64, "vocab_size": 300},
     "rwkv7-tiny": {"n_layer": 3, "n_embd": 128, "vocab_size": 300},
+    "rwkv6-tiny": {"n_layer": 3, "n_embd": 128, "vocab_size": 300},
 }
 
 
