@@ -195,6 +195,24 @@ def test_convert_refuses_rwkv7_weights_missing_or_misshapen_naming_them(tmp_path
     assert not list(tmp_path.glob("o_*"))
 
 
+def test_convert_refuses_rwkv6_weights_missing_and_misshapen_naming_them(tmp_path):
+    """RWKV-6 told from its tensor names; a dropped LoRA factor and a misshapen LoRA width (the width is
+    read from layer 0, so layer 1's is wrong) are both named, in one conversion."""
+    from train.config import ModelConfig
+    from train.model import RWKV
+
+    sd = RWKV(ModelConfig(arch="rwkv6", n_layer=2, n_embd=64, vocab_size=SMALL_VOCAB)).state_dict()
+    bad = {k: v for k, v in sd.items() if k != "blocks.1.att.time_maa_w2"}
+    bad["blocks.1.att.time_decay_w1"] = torch.zeros(64, 32)
+    src = tmp_path / "bad6.pth"
+    torch.save(bad, src)
+    line = error_line(run("launch.convert", "--input", src, "--to", "rwkv", "--output", tmp_path / "o6"))
+    assert "RWKV-6 2 layers x 64" in line and str(src) in line
+    assert "missing 1: blocks.1.att.time_maa_w2" in line
+    assert "misshapen 1: blocks.1.att.time_decay_w1 (64, 32) (expected (64, 64))" in line
+    assert not list(tmp_path.glob("o6*"))
+
+
 def test_convert_lists_every_tensor_of_a_dropped_last_layer(tmp_path, tiny_sd):
     # the recorded config says 4 layers; without the check the output was a 3-layer model
     last = [k for k in tiny_sd if k.startswith("blocks.3.")]
