@@ -16,17 +16,20 @@ from machine import cxx_missing
 from torch.utils import cpp_extension
 
 import train.wkv as wkv_mod
+import train.wkv6 as wkv6_mod
 import train.wkv7 as wkv7_mod
 from train import ext_build
 from train.wkv import CUDA_CFLAGS, CUDA_SRC_DIR, WKVBuildError, build_extension, wkv, wkv_reference
 
 # Each CUDA source: the flags its wkv module builds it with, and how many kernels ptxas must report per
-# architecture (RWKV-4: forward and backward for fp32, bf16 and fp16; WKV-7: the same for fp32 and bf16).
+# architecture (RWKV-4: forward and backward for fp32, bf16 and fp16; WKV-6 and WKV-7: the same for fp32
+# and bf16).
 CUDA_SOURCES = {
     "wkv4_cuda.cu": (CUDA_CFLAGS, 6),
+    "wkv6_cuda.cu": (wkv6_mod.CUDA_CFLAGS, 4),
     "wkv7_cuda.cu": (wkv7_mod.CUDA_CFLAGS, 4),
 }
-BINDINGS = ("wkv4_op.cpp", "wkv7_op.cpp")
+BINDINGS = ("wkv4_op.cpp", "wkv6_op.cpp", "wkv7_op.cpp")
 
 
 def find_nvcc() -> str | None:
