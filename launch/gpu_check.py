@@ -469,7 +469,8 @@ CHECKS: list[tuple[str, Callable[[Context], Result], str]] = [
     (
         "kernel",
         check_kernel,
-        "pytest tests/test_wkv_cuda.py tests/test_wkv7_cuda.py tests/test_wkv6_cuda.py tests/test_model_gpu.py",
+        "pytest tests/test_wkv_cuda.py tests/test_wkv7_cuda.py tests/test_wkv6_cuda.py "
+        "tests/test_model_gpu.py",
     ),
     (
         "train-tiny",
