@@ -8,7 +8,7 @@ Runs, in order, each as a real command with its log under --out:
    pure-Python dependencies), with how to install them from wheels;
 2. kernel: the CUDA WKV kernels against their fp64 references (tests/test_wkv_cuda.py: fp32, bf16, fp16,
    forward and backward, T = 4096, chunked, no device memory outside PyTorch; tests/test_wkv7_cuda.py:
-   WKV-7 values, gradients and state gradients);
+   WKV-7 values, gradients and state gradients; tests/test_wkv6_cuda.py: the same for WKV-6, u included);
 3. train-tiny: `torchrun --nproc_per_node 1` over NCCL, the tiny preset, bf16, FusedAdam, the CUDA
    kernel, SIGKILL after the first checkpoint and a resume;
 4. convert: the checkpoint to the `rwkv` .pth and a `transformers` directory, each with --verify;
@@ -198,6 +198,7 @@ def check_kernel(ctx: Context) -> Result:
             "no:cacheprovider",
             "tests/test_wkv_cuda.py",
             "tests/test_wkv7_cuda.py",
+            "tests/test_wkv6_cuda.py",
             "tests/test_model_gpu.py",
         ],
         timeout=600,
@@ -465,7 +466,12 @@ def throughput(ctx: Context, name: str, presets: str, ctx_lens: str, tokens: int
 
 CHECKS: list[tuple[str, Callable[[Context], Result], str]] = [
     ("packages", check_packages, "import what the pipeline needs beyond torch"),
-    ("kernel", check_kernel, "pytest tests/test_wkv_cuda.py tests/test_wkv7_cuda.py tests/test_model_gpu.py"),
+    (
+        "kernel",
+        check_kernel,
+        "pytest tests/test_wkv_cuda.py tests/test_wkv7_cuda.py tests/test_wkv6_cuda.py "
+        "tests/test_model_gpu.py",
+    ),
     (
         "train-tiny",
         check_train_tiny,

@@ -16,17 +16,20 @@ from machine import cxx_missing
 from torch.utils import cpp_extension
 
 import train.wkv as wkv_mod
+import train.wkv6 as wkv6_mod
 import train.wkv7 as wkv7_mod
 from train import ext_build
 from train.wkv import CUDA_CFLAGS, CUDA_SRC_DIR, WKVBuildError, build_extension, wkv, wkv_reference
 
 # Each CUDA source: the flags its wkv module builds it with, and how many kernels ptxas must report per
-# architecture (RWKV-4: forward and backward for fp32, bf16 and fp16; WKV-7: the same for fp32 and bf16).
+# architecture (RWKV-4: forward and backward for fp32, bf16 and fp16; WKV-6 and WKV-7: the same for fp32
+# and bf16).
 CUDA_SOURCES = {
     "wkv4_cuda.cu": (CUDA_CFLAGS, 6),
+    "wkv6_cuda.cu": (wkv6_mod.CUDA_CFLAGS, 4),
     "wkv7_cuda.cu": (wkv7_mod.CUDA_CFLAGS, 4),
 }
-BINDINGS = ("wkv4_op.cpp", "wkv7_op.cpp")
+BINDINGS = ("wkv4_op.cpp", "wkv6_op.cpp", "wkv7_op.cpp")
 
 
 def find_nvcc() -> str | None:
@@ -366,5 +369,67 @@ def test_wkv7_header_builds_and_runs_with_plain_cxx(tmp_path):
     assert run.returncode == 0, run.stderr
     out = torch.tensor([float(x) for x in run.stdout.split()], dtype=torch.float64)
     y_ref, s_ref = wkv7_mod.wkv7_reference(r, w, k, v, a, b, state=s0)
+    torch.testing.assert_close(out[: T * N].reshape(1, T, 1, N), y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[T * N :].reshape(1, 1, N, N), s_ref, rtol=1e-12, atol=1e-12)
+
+
+HOST_PROGRAM_WKV6 = r"""
+// Plain C++ use of the WKV-6 header, no torch, head size 4: read T, then r w k v (T*4 each, step-major),
+// u (4) and the initial state (4*4, [key i, value j]); print y (T*4) and the final state.
+#include <cstdio>
+#include <vector>
+#include "wkv6_math.h"
+constexpr int N = 4;
+int main() {
+    int T;
+    if (std::scanf("%d", &T) != 1) return 1;
+    std::vector<double> r(T * N), w(T * N), k(T * N), v(T * N), u(N), s(N * N);
+    for (auto *vec : {&r, &w, &k, &v, &u, &s})
+        for (double &x : *vec) std::scanf("%lf", &x);
+    double cols[N][N];  // cols[j][i] = S[i, j]: column worker j's column
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < N; j++) cols[j][i] = s[i * N + j];
+    for (int t = 0; t < T; t++) {
+        double d[N];
+        for (int i = 0; i < N; i++) d[i] = wkv6_math::decay(w[t * N + i]);
+        for (int j = 0; j < N; j++) {
+            const double y = wkv6_math::forward_col<N, double>(cols[j], &r[t * N], u.data(), &k[t * N], d,
+                                                               v[t * N + j]);
+            std::printf("%.17g\n", y);
+        }
+    }
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < N; j++) std::printf("%.17g\n", cols[j][i]);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no host C++ compiler")
+def test_wkv6_header_builds_and_runs_with_plain_cxx(tmp_path):
+    """wkv6_math.h needs neither nvcc nor torch: a plain C++ program (head size 4) gives the reference's
+    y and final state."""
+    src, exe = tmp_path / "host6.cpp", tmp_path / "host6"
+    src.write_text(HOST_PROGRAM_WKV6)
+    cxx = os.environ.get("CXX", "c++")
+    cc = subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{CUDA_SRC_DIR}", str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cc.returncode == 0, cc.stderr
+    g = torch.Generator().manual_seed(0)
+    T, N = 9, 4
+    r, k, v = (torch.randn(1, T, 1, N, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(1, T, 1, N, generator=g, dtype=torch.float64) * 2
+    u = torch.randn(1, N, generator=g, dtype=torch.float64)
+    s0 = torch.randn(1, 1, N, N, generator=g, dtype=torch.float64)
+    flat = [T, *(x for t in (r, w, k, v, u, s0) for x in t.flatten().tolist())]
+    run = subprocess.run(
+        [str(exe)], input=" ".join(map(repr, flat)), capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    out = torch.tensor([float(x) for x in run.stdout.split()], dtype=torch.float64)
+    y_ref, s_ref = wkv6_mod.wkv6_reference(r, w, k, v, u, state=s0)
     torch.testing.assert_close(out[: T * N].reshape(1, T, 1, N), y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[T * N :].reshape(1, 1, N, N), s_ref, rtol=1e-12, atol=1e-12)
