@@ -431,22 +431,22 @@ def wkv_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def activation_values_per_layer(cfg: ModelConfig) -> int:
-    """16-bit values a layer keeps per token for the backward, without checkpointing: 22 n_embd plus
-    3 dim_ffn (measured with saved-tensor hooks at dim_att = n_embd, tests/test_estimate.py).
+    """16-bit values a layer keeps per token for the backward, without checkpointing: (22 + N/8) n_embd
+    plus 3 dim_ffn (measured with saved-tensor hooks at dim_att = n_embd, tests/test_estimate.py).
 
     Time mixing: ln1 out, the shift, the four mixes, the gate and its silu, ln_x in/out, y * g (about
-    14 n_embd) and the WKV-6 op's inputs r, w, k, v (4 n_embd, what a compiled kernel keeps; the
-    pure-PyTorch loop saves a state per step instead). Channel mixing: ln2 out, the shift, two mixes,
-    r, its sigmoid, value(.) (about 4 n_embd) and three dim_ffn tensors around relu^2.
+    14 n_embd), the WKV-6 kernel's inputs r, w, k, v (4 n_embd) and its fp32 state checkpoint every 16
+    steps (H N^2 / 16 fp32 per token: N/8 n_embd). Channel mixing: ln2 out, the shift, two mixes, r, its
+    sigmoid, value(.) (about 4 n_embd) and three dim_ffn tensors around relu^2.
     """
-    return 22 * cfg.n_embd + 3 * cfg.dim_ffn
+    return (22 + cfg.head_size // 8) * cfg.n_embd + 3 * cfg.dim_ffn
 
 
 def wkv_scratch_bytes(cfg: ModelConfig, ctx_len: int, micro_batch: int) -> int:
-    """Transient memory of the WKV-6 backward beyond the input gradients: none counted (what the op
-    saves is in `activation_values_per_layer`)."""
-    del cfg, ctx_len, micro_batch
-    return 0
+    """Transient memory of the WKV-6 backward beyond the input gradients: one chunk's recomputed states,
+    (B, H, 16, N, N) fp32 (train.wkv6), for one layer at a time."""
+    del ctx_len
+    return micro_batch * cfg.dim_att * cfg.head_size * 16 * 4
 
 
 ADAM_EPS = 1e-8  # RWKV-LM v5 train.py's default adam_eps
