@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WKV_BACKENDS = ("auto", "cuda", "cpu", "reference")
-ARCHS = ("rwkv4", "rwkv7")
+ARCHS = ("rwkv4", "rwkv7", "rrwkv")
 
 # Size presets. The plain names follow the RWKV-4 Pile models (BlinkDL/rwkv-4-pile-*):
 # layers x width, vocabulary of the GPT-NeoX 20B tokenizer (50277), ctx 1024.
@@ -35,6 +35,8 @@ PRESETS.update(
         "rwkv7-13.3b": {**_RWKV7, "n_layer": 61, "n_embd": 4096},
     }
 )
+# RRWKV (RWKV-4 with mediums, train/models/rrwkv.py): RWKV-4's tiny sizes.
+PRESETS["rrwkv-tiny"] = {"arch": "rrwkv", "n_layer": 4, "n_embd": 128, "ctx_len": 256}
 
 # Fields that are settings of a run, not shapes of the weights: a resume may change them.
 RUNTIME_FIELDS = ("preset", "grad_cp", "wkv_backend", "wkv_chunk_len", "ctx_len")
@@ -81,6 +83,7 @@ class ModelConfig:
     # window). Not a model shape: it bounds the CUDA backward's scratch (8 bytes per batch x step x
     # channel) and may change on resume.
     wkv_chunk_len: int = 0
+    medium_every: int = 32  # RRWKV: a medium after every this many tokens (unused by other archs)
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,7 +96,8 @@ class ModelConfig:
             self.dim_att = self.n_embd
         if self.dim_ffn == 0:
             self.dim_ffn = 4 * self.n_embd
-        positive = ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn", "head_size")
+        positive = ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn", "head_size",
+                    "medium_every")
         if self.arch == "rwkv7":
             positive += tuple(lora for lora, _, _ in _RWKV7_LORA)
         for name in positive:

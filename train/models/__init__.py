@@ -8,11 +8,12 @@ import importlib
 from types import ModuleType
 
 # arch name (ModelConfig.arch) -> the module that defines it
-ARCH_MODULES = {"rwkv4": "train.models.rwkv4", "rwkv7": "train.models.rwkv7"}
+ARCH_MODULES = {"rwkv4": "train.models.rwkv4", "rwkv7": "train.models.rwkv7",
+                "rrwkv": "train.models.rrwkv"}
 # How the docs and logs name each architecture.
-ARCH_TITLES = {"rwkv4": "RWKV-4", "rwkv7": "RWKV-7"}
+ARCH_TITLES = {"rwkv4": "RWKV-4", "rwkv7": "RWKV-7", "rrwkv": "RRWKV"}
 # A tensor name only that generation's state dicts have (RWKV-LM's names); RWKV-4 is the default.
-SIGNATURE_KEYS = {"rwkv7": "blocks.0.att.w0"}
+SIGNATURE_KEYS = {"rwkv7": "blocks.0.att.w0", "rrwkv": "blocks.0.att.medium_decay"}
 
 
 def architecture(arch: str) -> ModuleType:
