@@ -9,13 +9,14 @@ Only that answer is scored (loss and accuracy), and accuracy is the argmax over 
 (chance: 1 / n_values).
 
 Every architecture in `train.models.ARCH_MODULES` runs by default (`--archs` chooses; an entry
-`arch@field=value,...` is that architecture with ModelConfig overrides, e.g. `rrwkv@medium_every=8`).
+`arch@field=value;...` is that architecture with ModelConfig overrides, e.g. `rrwkv@medium_every=8`).
 Every model has the same depth and width (`--n-layer`, `--n-embd`) and the channel-mix width that
 brings its parameter count closest to the first one's; all see the same batches (same seed) for the
-same steps at the same learning rate. Training runs on the CPU twins of the WKV kernels (`wkv_backend` auto) with `--threads` threads. To fit in minutes on two
-cores, models train at distances up to `--train-max-distance` (each batch one distance, uniform) and
-are evaluated at every `--distances` entry: the long distances measure how far what was learnt
-carries, not what training at that distance would reach.
+same steps at the same learning rate. Training runs on the CPU twins of the WKV kernels (`wkv_backend`
+auto) with `--threads` threads. To fit in minutes on two cores, models train at distances up to
+`--train-max-distance` (each batch one distance, uniform) and are evaluated at every `--distances`
+entry: the long distances measure how far what was learnt carries, not what training at that
+distance would reach.
 
 Prints a table (accuracy by distance, one row per model) and writes a PNG plot.
 """
