@@ -36,6 +36,19 @@ from launch.hf_format import hf_format
 from launch.model_loading import SIDECAR_NAME_HF, load_any_weights, model_config_from
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Architectures the `rwkv` package has no code for and no Hugging Face model exists for: their .pth is
+# our own key layout (plus the .json sidecar), read back by launch.model_loading (generate, score), and
+# --verify runs that reader instead of the package.
+OWN_LAYOUT_ONLY = {"rrwkv": "RRWKV"}
+
+
+def own_layout_note(arch: str) -> str:
+    title = OWN_LAYOUT_ONLY[arch]
+    return (f"{title} weights: the .pth is this pipeline's own layout with its .json sidecar; the `rwkv` "
+            f"package cannot load it (it has no {title} code), so use launch/generate.py or "
+            "launch.model_loading.load_model")
+
+
 DEFAULT_VERIFY_TEXT = (
     "ROMEO. But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
 )
@@ -164,6 +177,12 @@ def convert(
     # checks every tensor of every layer against the architecture: nothing is dropped silently
     loaded = load_any_weights(input, tag=tag, model_config_path=model_config_path)
     side = _sidecar(loaded)
+    arch = side["model"]["arch"]
+    if to == "hf" and arch in OWN_LAYOUT_ONLY:
+        raise CheckpointError(
+            f"{OWN_LAYOUT_ONLY[arch]} has no Hugging Face model (transformers has none, and RWKV-4's would "
+            f"drop the mediums): convert with --to rwkv (our .pth layout + .json) or --to fp32"
+        )
     if verify:
         needed = verifier_package(to, side["model"]["arch"])
         if needed and importlib.util.find_spec(needed) is None:
@@ -235,7 +254,7 @@ def rwkv_package_logits(path: Path, tokens: torch.Tensor, arch: str) -> torch.Te
 
 def converted_logits(to: str, path: Path, tokens: torch.Tensor, arch: str = "rwkv4") -> torch.Tensor:
     """fp32 logits (T, V) of the converted weights, run by the package that consumes that format."""
-    if to == "rwkv":
+    if to == "rwkv" and arch not in OWN_LAYOUT_ONLY:
         return rwkv_package_logits(path, tokens, arch)
     if to == "hf":
         hf = hf_format(arch).load_hf_model(path)
@@ -314,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def verifier_package(to: str, arch: str) -> str | None:
     """The package that consumes a format, which --verify runs the converted weights with."""
+    if arch in OWN_LAYOUT_ONLY:
+        return None  # verified by reading the file back with our own loader
     if to == "rwkv":
         return "rwkv"
     return hf_format(arch).VERIFIER_PACKAGE if to == "hf" else None
@@ -331,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.input, args.to, args.output, args.tag, args.dtype, args.model_config, args.verify)
         print(f"wrote {args.to} weights ({args.dtype}) to {out}")
+        arch = json.loads(out.with_suffix(".json").read_text())["model"]["arch"] if args.to != "hf" else ""
+        if arch in OWN_LAYOUT_ONLY:
+            print(f"note: {own_layout_note(arch)}" + ("; --verify reads the file back with our loader"
+                                                       if args.verify else ""))
         if args.verify:
             report = verify(
                 args.input, args.to, out, args.tag, args.model_config, args.verify_text, args.tokenizer

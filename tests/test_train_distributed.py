@@ -38,11 +38,13 @@ pytestmark = pytest.mark.slow
 # RWKV-7 2 x 64, one head of 64, with weight decay on and an Adam eps of its own, so that the optimizer
 # groups seen in the checkpoint come from this config).
 # How far the loss falls in 12 steps at least (RWKV-7 2 x 64 at ZeRO 3 went 7.76 -> 6.63).
-FALL = {"rwkv4": 1.0, "rwkv7": 0.7}
+FALL = {"rwkv4": 1.0, "rwkv7": 0.7, "rrwkv": 0.7}
 ARCH_SETS = {
     "rwkv4": (),
     "rwkv7": ("model.preset=rwkv7-tiny", "model.n_layer=2", "model.n_embd=64", "optim.eps=3e-8",
               "optim.weight_decay=0.01"),
+    # RRWKV 2 x 64 with a medium every 16 tokens (4 per window of 64)
+    "rrwkv": ("model.preset=rrwkv-tiny", "model.n_layer=2", "model.n_embd=64", "model.medium_every=16"),
 }
 
 
@@ -191,8 +193,9 @@ def uninterrupted(demo_shards, tmp_path_factory):
 @pytest.mark.parametrize(
     ("arch", "stage", "kill"),
     [("rwkv4", 1, True), ("rwkv4", 2, True), ("rwkv4", 3, True),
-     ("rwkv7", 1, False), ("rwkv7", 2, False), ("rwkv7", 3, True)],
-    ids=["rwkv4-zero1", "rwkv4-zero2", "rwkv4-zero3", "rwkv7-zero1", "rwkv7-zero2", "rwkv7-zero3"],
+     ("rwkv7", 1, False), ("rwkv7", 2, False), ("rwkv7", 3, True), ("rrwkv", 2, True)],
+    ids=["rwkv4-zero1", "rwkv4-zero2", "rwkv4-zero3", "rwkv7-zero1", "rwkv7-zero2", "rwkv7-zero3",
+         "rrwkv-zero2"],
 )
 def test_loss_falls_and_kill_resume_is_exact(arch, stage, kill, uninterrupted, demo_shards, tmp_path):
     ref, text = uninterrupted(arch, stage)
