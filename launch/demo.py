@@ -2,10 +2,11 @@
 processes, interrupted and resumed -> inference weights (rwkv .pth, Hugging Face) -> a sample
 and held-out perplexity before and after training.
 
-    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N] [--arch rwkv7|rwkv4]
+    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N] [--arch rwkv7|rwkv4|rrwkv]
 
 The model is RWKV-7 (configs/demo.yaml: the rwkv7-tiny preset at 6 layers x 256); `--arch rwkv4`
-trains the same size as RWKV-4.
+trains the same size as RWKV-4, `--arch rrwkv` as RRWKV (RWKV-4 with mediums; it has no Hugging
+Face format, so that step is left out).
 
 Every step runs the project's own command line (printed before it runs), so the demo doubles
 as a walkthrough. The output directory is re-runnable: a step whose outputs exist and are
@@ -42,7 +43,7 @@ CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
 PROMPT = "SCENE II. Verona. A street.\n\n[Enter ROMEO and MERCUTIO]\n\nROMEO:\n"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 # --arch: the preset whose architecture the demo model takes (its sizes stay those of demo.yaml)
-ARCH_PRESETS = {"rwkv7": "rwkv7-tiny", "rwkv4": "tiny"}
+ARCH_PRESETS = {"rwkv7": "rwkv7-tiny", "rwkv4": "tiny", "rrwkv": "rrwkv-tiny"}
 HF_FORMATS = {"rwkv7": "Hugging Face directory (flash-linear-attention layout)",
               "rwkv4": "Hugging Face transformers directory"}
 
@@ -568,15 +569,16 @@ def steps(s: Settings, env: dict[str, str]) -> list[Step]:
             lambda: resume_training(s, env),
         ),
         Step(
-            "Convert to the rwkv package's .pth (--verify)",
+            "Convert to the rwkv package's .pth (--verify)" if s.arch in HF_FORMATS
+            else "Convert to our .pth layout (--verify; the rwkv package has no code for it)",
             lambda: convert_done(s, "rwkv"),
             lambda: convert(s, env, "rwkv"),
         ),
-        Step(
+        *([Step(
             f"Convert to a {HF_FORMATS[s.arch]} (--verify)",
             lambda: convert_done(s, "hf"),
             lambda: convert(s, env, "hf"),
-        ),
+        )] if s.arch in HF_FORMATS else []),
         Step("Generate a sample", lambda: newer_than(s.sample, s.rwkv_weights), lambda: generate(s, env)),
         Step(
             "Held-out perplexity after training",
@@ -624,7 +626,7 @@ def summary(s: Settings, timings: list[tuple[str, float, bool]]) -> None:
         ("metrics", s.run_dir / "metrics.jsonl"),
         ("TensorBoard logs", s.run_dir / "tb"),
         ("rwkv .pth", s.rwkv_weights),
-        ("Hugging Face dir", s.hf_dir),
+        *([("Hugging Face dir", s.hf_dir)] if s.arch in HF_FORMATS else []),
         ("sample", s.sample),
         ("perplexities", s.perplexity),
         ("logs of every step", s.out / "logs"),

@@ -114,7 +114,7 @@ def test_arch_flag_picks_the_preset_and_keeps_the_demo_sizes(tmp_path) -> None:
     from launch.demo import build_parser, demo_settings, run_config
     from train.config import ModelConfig
 
-    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4")):
+    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4"), ("rrwkv", "rrwkv")):
         args = build_parser().parse_args(["--out", str(tmp_path), "--arch", arch])
         model = run_config(demo_settings(args)).model
         sizes = {k: v for k, v in model.overrides.items() if k in ("n_layer", "n_embd")}
