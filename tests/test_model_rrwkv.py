@@ -129,6 +129,22 @@ def test_rnn_mode_equals_parallel_mode_fp64_with_a_state_of_constant_size():
     torch.testing.assert_close(par_state, state, atol=1e-10, rtol=1e-10)
 
 
+def test_last_token_pooling_rnn_equals_parallel_and_uses_no_scores():
+    """medium_pool="last" (a span compressed to its last token): RNN = parallel (fp64), and changing
+    the pooling scores changes nothing."""
+    model = small_model(seed=8, medium_pool="last").eval()
+    idx = torch.randint(0, 50, (1, 18), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        parallel = model(idx)
+        state, steps = model.init_state(1, dtype=torch.float64), []
+        for t in range(18):
+            logits, state = model.forward_rnn(idx[:, t : t + 1], state)
+            steps.append(logits)
+        torch.testing.assert_close(torch.stack(steps, dim=1), parallel, atol=1e-10, rtol=1e-10)
+        model.blocks[0].att.medium_score.weight.add_(1.0)
+        assert torch.equal(model(idx), parallel)
+
+
 def test_causality_no_position_sees_its_future_nor_a_medium_of_it():
     """Changing token p leaves every logit before p bit for bit the same (so no medium a token reads
     summarises a later token) and changes the logits from p on (so the path is there)."""

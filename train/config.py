@@ -84,6 +84,8 @@ class ModelConfig:
     # channel) and may change on resume.
     wkv_chunk_len: int = 0
     medium_every: int = 32  # RRWKV: a medium after every this many tokens (unused by other archs)
+    # RRWKV: how a span is compressed: "softmax" (learned per-channel pooling) or "last" (its last token)
+    medium_pool: str = "softmax"
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.dim_att ({self.dim_att}) must be a multiple of head_size ({self.head_size})"
             )
+        if self.medium_pool not in ("softmax", "last"):
+            raise ValueError(f"ModelConfig.medium_pool must be 'softmax' or 'last', got {self.medium_pool!r}")
         if self.wkv_backend not in WKV_BACKENDS:
             raise ValueError(
                 f"ModelConfig.wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}"

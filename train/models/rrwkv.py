@@ -91,7 +91,8 @@ class TimeMix(rwkv4.TimeMix):
         cfg = self.cfg
         # compress: softmax pool of each complete span, then the medium recurrence (the WKV op, k = 0)
         spans = x[:, : n * M].reshape(B, n, M, C)
-        pooled = (torch.softmax(self.medium_score(spans), dim=2) * spans).sum(2)
+        last = cfg.medium_pool == "last"
+        pooled = spans[:, :, -1] if last else (torch.softmax(self.medium_score(spans), dim=2) * spans).sum(2)
         med_decay = self.medium_decay
         mediums, med_s = wkv_state(med_decay, torch.exp(med_decay), torch.zeros_like(pooled), pooled,
                                    s[STATE_MED_AA : STATE_MED_PP + 1], backend=cfg.wkv_backend)
@@ -109,7 +110,9 @@ class TimeMix(rwkv4.TimeMix):
         out = self.output(torch.sigmoid(r) * y.to(r.dtype))
         # the open span's running pool (empty when T is a multiple of M)
         tail = x[:, n * M :]
-        if tail.shape[1]:
+        if tail.shape[1] and last:  # the pool of a span so far is its latest token (weight e^0 / 1)
+            num, den, smax = tail[:, -1], torch.ones_like(tail[:, -1]), torch.zeros_like(tail[:, -1])
+        elif tail.shape[1]:
             score = self.medium_score(tail)
             smax = score.max(1).values
             e = torch.exp(score - smax.unsqueeze(1))
@@ -131,11 +134,14 @@ class TimeMix(rwkv4.TimeMix):
         y, aa, bb, pp = _wkv_step(w, u, k.to(cdt), v.to(cdt), s[STATE_AA], s[STATE_BB], s[STATE_PP])
         out = self.output(torch.sigmoid(r) * y[:, None].to(r.dtype))
         # the open span's pool, online softmax (running max keeps the exponentials finite)
-        score = self.medium_score(x1).to(cdt)
-        smax = torch.maximum(s[STATE_SPAN_MAX], score)
-        e_old, e_new = torch.exp(s[STATE_SPAN_MAX] - smax), torch.exp(score - smax)
-        num = e_old * s[STATE_SPAN_NUM] + e_new * x1.to(cdt)
-        den = e_old * s[STATE_SPAN_DEN] + e_new
+        if self.cfg.medium_pool == "last":
+            num, den, smax = x1.to(cdt), torch.ones_like(x1, dtype=cdt), torch.zeros_like(x1, dtype=cdt)
+        else:
+            score = self.medium_score(x1).to(cdt)
+            smax = torch.maximum(s[STATE_SPAN_MAX], score)
+            e_old, e_new = torch.exp(s[STATE_SPAN_MAX] - smax), torch.exp(score - smax)
+            num = e_old * s[STATE_SPAN_NUM] + e_new * x1.to(cdt)
+            den = e_old * s[STATE_SPAN_DEN] + e_new
         med, med_aa, med_bb, med_pp = s[STATE_MED], s[STATE_MED_AA], s[STATE_MED_BB], s[STATE_MED_PP]
         pos = s[STATE_POS] + 1
         done = int(pos[0, 0].item()) % self.cfg.medium_every == 0  # the same position in every row
