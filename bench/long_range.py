@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
                     help="comma-separated; `arch@field=value;...` adds ModelConfig overrides (default: all)")
     ap.add_argument("--n-layer", type=int, default=2)
     ap.add_argument("--n-embd", type=int, default=64, help="width of every model")
-    ap.add_argument("--head-size", type=int, default=16, help="head size (RWKV-5/6/7)")
+    ap.add_argument("--head-size", type=int, default=64, help="head size (RWKV-5/6/7; their CPU kernels take 64)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="long_range.png", help="PNG plot path")
+    ap.add_argument("--params-like", help="arch spec whose parameter count all match (default: the first)")
     args = ap.parse_args(argv)
     # ';' separates overrides on the command line (',' separates archs)
     specs = [s.strip().replace(";", ",") for s in args.archs.split(",") if s.strip()]
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
     torch.set_num_threads(args.threads)
     task = Task(pairs=args.pairs)
 
-    arch0, over0 = parse_arch(specs[0])
+    arch0, over0 = parse_arch((args.params_like or specs[0]).replace(";", ","))
     target = config_for(arch0, over0, args, task.vocab_size).n_params()
     rows = []
     for spec in specs:
