@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
                     help="comma-separated; `arch@field=value;...` adds ModelConfig overrides (default: all)")
     ap.add_argument("--n-layer", type=int, default=2)
     ap.add_argument("--n-embd", type=int, default=64, help="width of every model")
-    ap.add_argument("--head-size", type=int, default=64, help="head size (RWKV-5/6/7; their CPU kernels take 64)")
+    ap.add_argument("--head-size", type=int, default=64, help="RWKV-5/6/7 head size (their CPU kernels: 64)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -27,8 +27,8 @@ def test_each_query_asks_a_key_of_its_sequence_and_the_target_is_that_keys_value
 def test_a_few_steps_of_every_architecture_give_a_table_and_a_plot(tmp_path, capsys):
     png = tmp_path / "lr.png"
     rows = long_range.main(["--steps", "2", "--batch", "4", "--train-max-distance", "4",
-                            "--distances", "8,16", "--eval-samples", "4", "--eval-batch", "4", "--threads", "1",
-                            "--out", str(png)])
+                            "--distances", "8,16", "--eval-samples", "4", "--eval-batch", "4",
+                            "--threads", "1", "--out", str(png)])
     assert len(rows) == len(ARCH_MODULES)  # every registered architecture by default
     target = rows[0][1]
     for _, n_params, accs in rows:
