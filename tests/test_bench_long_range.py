@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import long_range  # noqa: E402
+from train.models import ARCH_MODULES
 
-from train.models import ARCH_MODULES  # noqa: E402
+# bench/ is not a package, and putting it on sys.path would let bench/train.py shadow the train package
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "long_range.py"
+_SPEC = importlib.util.spec_from_file_location("long_range", BENCH)
+long_range = importlib.util.module_from_spec(_SPEC)
+sys.modules["long_range"] = long_range  # dataclasses look the module up by name
+_SPEC.loader.exec_module(long_range)
 
 
 def test_each_query_asks_a_key_of_its_sequence_and_the_target_is_that_keys_value():
