@@ -32,10 +32,19 @@ from tqdm import tqdm
 
 from data_prep.output_paths import OutputPathError, check_writable_dir, check_writable_file
 from launch.checkpoint_io import CheckpointError, LoadedWeights, find_tokenizer_spec
-from launch.hf_format import NO_HF_FORMAT, hf_format
+from launch.hf_format import NO_HF_FORMAT, OWN_LAYOUT_ONLY, hf_format
 from launch.model_loading import SIDECAR_NAME_HF, load_any_weights, model_config_from
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def own_layout_note(arch: str) -> str:
+    title = OWN_LAYOUT_ONLY[arch]
+    return (f"{title} weights: the .pth is this pipeline's own layout with its .json sidecar; the `rwkv` "
+            f"package cannot load it (it has no {title} code), so use launch/generate.py or "
+            "launch.model_loading.load_model")
+
+
 DEFAULT_VERIFY_TEXT = (
     "ROMEO. But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
 )
@@ -237,7 +246,7 @@ def rwkv_package_logits(path: Path, tokens: torch.Tensor, arch: str) -> torch.Te
 
 def converted_logits(to: str, path: Path, tokens: torch.Tensor, arch: str = "rwkv4") -> torch.Tensor:
     """fp32 logits (T, V) of the converted weights, run by the package that consumes that format."""
-    if to == "rwkv":
+    if to == "rwkv" and arch not in OWN_LAYOUT_ONLY:
         return rwkv_package_logits(path, tokens, arch)
     if to == "hf":
         hf = hf_format(arch).load_hf_model(path)
@@ -316,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def verifier_package(to: str, arch: str) -> str | None:
     """The package that consumes a format, which --verify runs the converted weights with."""
+    if arch in OWN_LAYOUT_ONLY:
+        return None  # verified by reading the file back with our own loader
     if to == "rwkv":
         return "rwkv"
     return hf_format(arch).VERIFIER_PACKAGE if to == "hf" else None
@@ -333,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.input, args.to, args.output, args.tag, args.dtype, args.model_config, args.verify)
         print(f"wrote {args.to} weights ({args.dtype}) to {out}")
+        arch = json.loads(out.with_suffix(".json").read_text())["model"]["arch"] if args.to != "hf" else ""
+        if arch in OWN_LAYOUT_ONLY:
+            print(f"note: {own_layout_note(arch)}" + ("; --verify reads the file back with our loader"
+                                                       if args.verify else ""))
         if args.verify:
             report = verify(
                 args.input, args.to, out, args.tag, args.model_config, args.verify_text, args.tokenizer

@@ -2,11 +2,12 @@
 processes, interrupted and resumed -> inference weights (rwkv .pth, Hugging Face) -> a sample
 and held-out perplexity before and after training.
 
-    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N] [--arch rwkv7|rwkv6|rwkv5|rwkv4]
+    python -m launch.demo [--out runs/demo] [--clean] [--quick] [--steps N]
+        [--arch rwkv7|rwkv6|rwkv5|rwkv4|rrwkv]
 
 The model is RWKV-7 (configs/demo.yaml: the rwkv7-tiny preset at 6 layers x 256); `--arch rwkv4`,
-`rwkv5` or `rwkv6` trains the same size as that generation (RWKV-5/6 have no Hugging Face format:
-their demo converts to the rwkv package's .pth only).
+`rwkv5`, `rwkv6` or `rrwkv` trains the same size as that architecture (RWKV-5/6 and RRWKV have no
+Hugging Face format, so that step is left out; RRWKV's .pth is this pipeline's own layout).
 
 Every step runs the project's own command line (printed before it runs), so the demo doubles
 as a walkthrough. The output directory is re-runnable: a step whose outputs exist and are
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launch.hf_format import OWN_LAYOUT_ONLY
 from train.models import ARCH_TITLES
 
 if TYPE_CHECKING:
@@ -43,7 +45,8 @@ CORPUS = sorted((REPO / "data" / "demo" / "train").glob("*.jsonl.zst"))
 PROMPT = "SCENE II. Verona. A street.\n\n[Enter ROMEO and MERCUTIO]\n\nROMEO:\n"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 # --arch: the preset whose architecture the demo model takes (its sizes stay those of demo.yaml)
-ARCH_PRESETS = {"rwkv7": "rwkv7-tiny", "rwkv4": "tiny", "rwkv5": "rwkv5-tiny", "rwkv6": "rwkv6-tiny"}
+ARCH_PRESETS = {"rwkv7": "rwkv7-tiny", "rwkv4": "tiny", "rwkv5": "rwkv5-tiny", "rwkv6": "rwkv6-tiny",
+                "rrwkv": "rrwkv-tiny"}
 HF_FORMATS = {"rwkv7": "Hugging Face directory (flash-linear-attention layout)",
               "rwkv4": "Hugging Face transformers directory"}
 
@@ -545,10 +548,6 @@ class Step:
 
 
 def steps(s: Settings, env: dict[str, str]) -> list[Step]:
-    return [step for step in all_steps(s, env) if step is not None]
-
-
-def all_steps(s: Settings, env: dict[str, str]) -> list[Step | None]:
     return [
         Step(
             f"Train a sentencepiece tokenizer (vocabulary {s.vocab_size}) on the embedded corpus",
@@ -573,17 +572,16 @@ def all_steps(s: Settings, env: dict[str, str]) -> list[Step | None]:
             lambda: resume_training(s, env),
         ),
         Step(
-            "Convert to the rwkv package's .pth (--verify)",
+            "Convert to the rwkv package's .pth (--verify)" if s.arch not in OWN_LAYOUT_ONLY
+            else "Convert to our .pth layout (--verify; the rwkv package has no code for it)",
             lambda: convert_done(s, "rwkv"),
             lambda: convert(s, env, "rwkv"),
         ),
-        Step(
+        *([Step(
             f"Convert to a {HF_FORMATS[s.arch]} (--verify)",
             lambda: convert_done(s, "hf"),
             lambda: convert(s, env, "hf"),
-        )
-        if s.arch in HF_FORMATS  # RWKV-5/6 have none
-        else None,
+        )] if s.arch in HF_FORMATS else []),
         Step("Generate a sample", lambda: newer_than(s.sample, s.rwkv_weights), lambda: generate(s, env)),
         Step(
             "Held-out perplexity after training",

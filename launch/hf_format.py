@@ -23,7 +23,13 @@ NO_HF_FORMAT = {
     "the rwkv package) or --to fp32",
     "rwkv6": "RWKV-6 (x060) has no Hugging Face format in this pipeline; convert with --to rwkv (a .pth for "
     "the rwkv package) or --to fp32",
+    "rrwkv": "RRWKV has no Hugging Face model (transformers has none, and RWKV-4's would drop the mediums): "
+    "convert with --to rwkv (our .pth layout + .json) or --to fp32",
 }
+# Architectures the `rwkv` package has no code for: `--to rwkv` writes this pipeline's own key layout
+# (plus the .json sidecar), read back by launch.model_loading (generate, score), and --verify runs that
+# reader instead of the package.
+OWN_LAYOUT_ONLY = {"rrwkv": "RRWKV"}
 
 
 def hf_format(arch: str) -> ModuleType:

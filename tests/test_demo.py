@@ -114,7 +114,8 @@ def test_arch_flag_picks_the_preset_and_keeps_the_demo_sizes(tmp_path) -> None:
     from launch.demo import build_parser, demo_settings, run_config
     from train.config import ModelConfig
 
-    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4"), ("rwkv5", "rwkv5"), ("rwkv6", "rwkv6")):
+    for arch, expected in (("rwkv7", "rwkv7"), ("rwkv4", "rwkv4"), ("rwkv5", "rwkv5"), ("rwkv6", "rwkv6"),
+                           ("rrwkv", "rrwkv")):
         args = build_parser().parse_args(["--out", str(tmp_path), "--arch", arch])
         model = run_config(demo_settings(args)).model
         sizes = {k: v for k, v in model.overrides.items() if k in ("n_layer", "n_embd")}

@@ -34,7 +34,7 @@ def test_zero_stages_shrink_model_states():
     assert per_stage[0] == 20 * mc.n_params()  # no ZeRO: 2 + 2 + 16 bytes per parameter on every GPU
 
 
-@pytest.mark.parametrize("preset", ["tiny", "rwkv7-tiny", "rwkv5-tiny", "rwkv6-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "rwkv7-tiny", "rwkv5-tiny", "rwkv6-tiny", "rrwkv-tiny"])
 def test_activation_estimate_against_saved_tensors(preset):
     """Bytes autograd keeps per layer and token (bf16), measured with saved-tensor hooks, are within
     the estimate's tolerance of the architecture's activation_values_per_layer."""

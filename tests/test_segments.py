@@ -112,6 +112,8 @@ def _model(arch: str, backend: str, grad_cp: bool = False) -> RWKV:
     common = {"n_layer": 2, "vocab_size": 64, "ctx_len": 16, "grad_cp": grad_cp}
     if arch == "rwkv4":
         cfg = ModelConfig(n_embd=16, wkv_backend=backend, **common)
+    elif arch == "rrwkv":  # a medium every 4 tokens: the segments below are multiples of 4
+        cfg = ModelConfig(arch="rrwkv", n_embd=16, medium_every=4, wkv_backend=backend, **common)
     else:
         # head size 64: the width the WKV-7/WKV-6 kernels (and their CPU twins) are built for
         cfg = ModelConfig.from_preset(f"{arch}-tiny", n_embd=64, head_size=64, wkv_backend=backend, **common)
@@ -220,8 +222,9 @@ def test_forward_with_state_continues_the_sequence(arch):
     idx, _ = _window(T=20)
     with torch.no_grad():
         whole = model(idx)
-        a, s = model.forward_with_state(idx[:, :7])
-        b, _ = model.forward_with_state(idx[:, 7:], s)
+        cut = 8 if arch == "rrwkv" else 7  # RRWKV's parallel mode starts at a span boundary
+        a, s = model.forward_with_state(idx[:, :cut])
+        b, _ = model.forward_with_state(idx[:, cut:], s)
     torch.testing.assert_close(torch.cat([a, b], 1), whole, rtol=0, atol=1e-12)
     assert all(t.dtype == torch.float64 for t in leaves(s))
 

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 # RWKV-7 2 x 64, one head of 64, with weight decay on and an Adam eps of its own, so that the optimizer
 # groups seen in the checkpoint come from this config).
 # How far the loss falls in 12 steps at least (RWKV-7 2 x 64 at ZeRO 3 went 7.76 -> 6.63).
-FALL = {"rwkv4": 1.0, "rwkv5": 0.7, "rwkv6": 0.7, "rwkv7": 0.7}
+FALL = {"rwkv4": 1.0, "rwkv5": 0.7, "rwkv6": 0.7, "rwkv7": 0.7, "rrwkv": 0.7}
 ARCH_SETS = {
     "rwkv4": (),
     "rwkv7": ("model.preset=rwkv7-tiny", "model.n_layer=2", "model.n_embd=64", "optim.eps=3e-8",
@@ -46,6 +46,8 @@ ARCH_SETS = {
     # RWKV-5/6: 2 x 64, one head of 64, weight decay on (their decay group: the .weight matrices)
     "rwkv5": ("model.preset=rwkv5-tiny", "model.n_layer=2", "model.n_embd=64", "optim.weight_decay=0.01"),
     "rwkv6": ("model.preset=rwkv6-tiny", "model.n_layer=2", "model.n_embd=64", "optim.weight_decay=0.01"),
+    # RRWKV 2 x 64 with a medium every 16 tokens (4 per window of 64)
+    "rrwkv": ("model.preset=rrwkv-tiny", "model.n_layer=2", "model.n_embd=64", "model.medium_every=16"),
 }
 
 
@@ -194,9 +196,10 @@ def uninterrupted(demo_shards, tmp_path_factory):
 @pytest.mark.parametrize(
     ("arch", "stage", "kill"),
     [("rwkv4", 1, True), ("rwkv4", 2, True), ("rwkv4", 3, True),
-     ("rwkv7", 1, False), ("rwkv7", 2, False), ("rwkv7", 3, True), ("rwkv5", 2, True), ("rwkv6", 3, True)],
+     ("rwkv7", 1, False), ("rwkv7", 2, False), ("rwkv7", 3, True), ("rwkv5", 2, True), ("rwkv6", 3, True),
+     ("rrwkv", 2, True)],
     ids=["rwkv4-zero1", "rwkv4-zero2", "rwkv4-zero3", "rwkv7-zero1", "rwkv7-zero2", "rwkv7-zero3",
-         "rwkv5-zero2", "rwkv6-zero3"],
+         "rwkv5-zero2", "rwkv6-zero3", "rrwkv-zero2"],
 )
 def test_loss_falls_and_kill_resume_is_exact(arch, stage, kill, uninterrupted, demo_shards, tmp_path):
     ref, text = uninterrupted(arch, stage)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WKV_BACKENDS = ("auto", "cuda", "cpu", "reference")
-ARCHS = ("rwkv4", "rwkv5", "rwkv6", "rwkv7")
+ARCHS = ("rwkv4", "rwkv5", "rwkv6", "rwkv7", "rrwkv")
 
 # Size presets. The plain names follow the RWKV-4 Pile models (BlinkDL/rwkv-4-pile-*):
 # layers x width, vocabulary of the GPT-NeoX 20B tokenizer (50277), ctx 1024.
@@ -35,6 +35,8 @@ PRESETS.update(
         "rwkv7-13.3b": {**_RWKV7, "n_layer": 61, "n_embd": 4096},
     }
 )
+# RRWKV (RWKV-4 with mediums, train/models/rrwkv.py): RWKV-4's tiny sizes.
+PRESETS["rrwkv-tiny"] = {"arch": "rrwkv", "n_layer": 4, "n_embd": 128, "ctx_len": 256}
 
 # RWKV-5 (x052, Eagle) and RWKV-6 (x060, Finch) as the released World models: World tokenizer (65536),
 # ctx 4096, head size 64, dim_ffn 3.5 n_embd (rounded down to a multiple of 32).
@@ -109,6 +111,9 @@ class ModelConfig:
     # window). Not a model shape: it bounds the CUDA backward's scratch (8 bytes per batch x step x
     # channel) and may change on resume.
     wkv_chunk_len: int = 0
+    medium_every: int = 32  # RRWKV: a medium after every this many tokens (unused by other archs)
+    # RRWKV: how a span is compressed: "softmax" (learned per-channel pooling) or "last" (its last token)
+    medium_pool: str = "softmax"
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,7 +132,8 @@ class ModelConfig:
             # RWKV-LM v5 train.py (x052, x060): int(n_embd * 3.5) // 32 * 32
             wide = self.arch in ("rwkv5", "rwkv6")
             self.dim_ffn = int(self.n_embd * 3.5) // 32 * 32 if wide else 4 * self.n_embd
-        positive = ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn", "head_size")
+        positive = ("n_layer", "n_embd", "vocab_size", "ctx_len", "dim_att", "dim_ffn", "head_size",
+                    "medium_every")
         if self.arch == "rwkv7":
             positive += tuple(lora for lora, _, _ in _RWKV7_LORA)
         if self.arch == "rwkv6":
@@ -151,6 +157,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.dim_att ({self.dim_att}) must be a multiple of head_size ({self.head_size})"
             )
+        if self.medium_pool not in ("softmax", "last"):
+            raise ValueError(f"ModelConfig.medium_pool must be 'softmax' or 'last', got {self.medium_pool!r}")
         if self.wkv_backend not in WKV_BACKENDS:
             raise ValueError(
                 f"ModelConfig.wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}"

@@ -13,15 +13,17 @@ ARCH_MODULES = {
     "rwkv5": "train.models.rwkv5",
     "rwkv6": "train.models.rwkv6",
     "rwkv7": "train.models.rwkv7",
+    "rrwkv": "train.models.rrwkv",
 }
 # How the docs and logs name each architecture.
-ARCH_TITLES = {"rwkv4": "RWKV-4", "rwkv5": "RWKV-5", "rwkv6": "RWKV-6", "rwkv7": "RWKV-7"}
+ARCH_TITLES = {"rwkv4": "RWKV-4", "rwkv5": "RWKV-5", "rwkv6": "RWKV-6", "rwkv7": "RWKV-7", "rrwkv": "RRWKV"}
 # A tensor name only that generation's state dicts have (RWKV-LM's names); RWKV-4 is the default.
 # RWKV-5 (x052) alone has time_mix_g (RWKV-4's time mixing has no gate), RWKV-6 (x060) alone time_maa_w1.
 SIGNATURE_KEYS = {
     "rwkv5": "blocks.0.att.time_mix_g",
     "rwkv6": "blocks.0.att.time_maa_w1",
     "rwkv7": "blocks.0.att.w0",
+    "rrwkv": "blocks.0.att.medium_decay",
 }
 
 
