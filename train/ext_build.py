@@ -26,7 +26,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -248,3 +249,52 @@ def load_kernel(
     if isinstance(entry, ExtensionBuildError):
         raise entry
     return entry
+
+
+def choose_kernel(
+    op: str,
+    r: torch.Tensor,
+    backend: str,
+    kernel_dtypes: dict[str, tuple[torch.dtype, ...]],
+    head_size: int,
+    load: Callable[[str], ModuleType],
+) -> ModuleType | None:
+    """The extension a head-wise WKV op (`op`: "wkv6", "wkv7") runs r (B, T, H, N) on, or None for its
+    pure-PyTorch reference (only where that is allowed). `load(kind)` builds the "cpu" or "cuda" kind.
+
+    auto: the CUDA kernel on CUDA tensors (a build failure or an unsupported dtype or head size is an
+    error: a GPU never falls back to the Python loop), the CPU twin on CPU tensors (falling back to the
+    reference with a RuntimeWarning if it cannot be built or does not take the input), the reference
+    elsewhere (with a warning). Warnings point at the op's caller.
+    """
+    title = f"WKV-{op.removeprefix('wkv')}"
+    caller = 4  # warn <- choose_kernel <- the op's _kernel_for <- the op <- its caller
+    kind = "cuda" if r.is_cuda else ("cpu" if r.device.type == "cpu" else None)
+    if backend == "cuda" and kind != "cuda":
+        raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got {r.device}")
+    if backend == "cpu" and kind != "cpu":
+        raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got {r.device}")
+    if kind is None:
+        warnings.warn(f"{op}: no {title} kernel for {r.device}; using the slow pure-PyTorch reference",
+                      RuntimeWarning, stacklevel=caller)
+        return None
+    problem = None
+    if r.dtype not in kernel_dtypes[kind]:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in kernel_dtypes[kind])
+        problem = f"the {kind} kernel takes {allowed} inputs, got {r.dtype}"
+    elif r.shape[-1] != head_size:
+        problem = f"the {kind} kernel is built for head size N = {head_size}, got N = {r.shape[-1]}"
+    if problem is not None:
+        if backend == "auto" and kind == "cpu":
+            warnings.warn(f"{op}: {problem}; using the slow pure-PyTorch reference", RuntimeWarning,
+                          stacklevel=caller)
+            return None
+        raise ValueError(f"{op}: {problem}; use backend='reference'")
+    try:
+        return load(kind)
+    except ExtensionBuildError as e:
+        if backend != "auto" or kind == "cuda":
+            raise
+        warnings.warn(f"{op}: using the slow pure-PyTorch reference because {e}", RuntimeWarning,
+                      stacklevel=caller)
+        return None

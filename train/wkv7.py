@@ -25,7 +25,6 @@ falls back to the Python loop.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -33,7 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from train import ext_build
-from train.ext_build import ExtensionBuildError as WKVBuildError
+from train.ext_build import ExtensionBuildError as WKVBuildError  # noqa: F401  (the op's build error)
 from train.wkv import CPU_CFLAGS, _device_of, _stream_args  # as RWKV-4's: flags, device and stream
 
 CUDA_SRC_DIR = Path(__file__).resolve().parent.parent / "cuda"
@@ -173,42 +172,9 @@ class _WKV7Function(torch.autograd.Function):
 
 
 def _kernel_for(r: torch.Tensor, backend: str, build_dir) -> ModuleType | None:
-    """The extension to run r on, or None for the reference (only where that is allowed).
-
-    auto: the CUDA kernel on CUDA tensors (a build failure or an unsupported dtype or head size is an
-    error: a GPU never falls back to the Python loop), the CPU twin on CPU tensors (falling back to the
-    reference with a RuntimeWarning if it cannot be built or does not take the input), the reference
-    elsewhere (with a warning).
-    """
-    kind = "cuda" if r.is_cuda else ("cpu" if r.device.type == "cpu" else None)
-    if backend == "cuda" and kind != "cuda":
-        raise ValueError(f"wkv7: backend 'cuda' needs CUDA tensors, got {r.device}")
-    if backend == "cpu" and kind != "cpu":
-        raise ValueError(f"wkv7: backend 'cpu' needs CPU tensors, got {r.device}")
-    if kind is None:
-        warnings.warn(f"wkv7: no WKV-7 kernel for {r.device}; using the slow pure-PyTorch reference",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    problem = None
-    if r.dtype not in KERNEL_DTYPES[kind]:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES[kind])
-        problem = f"the {kind} kernel takes {allowed} inputs, got {r.dtype}"
-    elif r.shape[-1] != HEAD_SIZE:
-        problem = f"the {kind} kernel is built for head size N = {HEAD_SIZE}, got N = {r.shape[-1]}"
-    if problem is not None:
-        if backend == "auto" and kind == "cpu":
-            warnings.warn(f"wkv7: {problem}; using the slow pure-PyTorch reference", RuntimeWarning,
-                          stacklevel=3)
-            return None
-        raise ValueError(f"wkv7: {problem}; use backend='reference'")
-    try:
-        return load_extension(kind, build_dir)
-    except WKVBuildError as e:
-        if backend != "auto" or kind == "cuda":
-            raise
-        warnings.warn(f"wkv7: using the slow pure-PyTorch reference because {e}", RuntimeWarning,
-                      stacklevel=3)
-        return None
+    """The extension to run r on, or None for the reference (see ``train.ext_build.choose_kernel``)."""
+    return ext_build.choose_kernel("wkv7", r, backend, KERNEL_DTYPES, HEAD_SIZE,
+                                   lambda kind: load_extension(kind, build_dir))
 
 
 def wkv7(
