@@ -123,7 +123,8 @@ def test_score_perplexity_is_exp_of_independent_cross_entropy(weights, tok, tmp_
         pkg = RwkvPackageModel(model=str(weights["pth"]), strategy="cpu fp32", verbose=False)
 
         def logits_of(t: torch.Tensor) -> torch.Tensor:
-            return pkg.forward(t.tolist(), None, full_output=True)[0].float()
+            # a one-token window comes back as (V,): the package's single-step path
+            return pkg.forward(t.tolist(), None, full_output=True)[0].float().reshape(len(t), -1)
     losses = []
     with torch.no_grad():
         for s in range(0, len(ids) - 1, window):

@@ -4,6 +4,7 @@ gather every parameter and save what each rank holds, plus the size of its own p
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import deepspeed
@@ -29,6 +30,11 @@ def main(out: str, precision: str, seed: int, preset: str, overrides: dict) -> N
         with deepspeed.zero.GatheredParameters([p]):
             full[name] = p.detach().clone()
     torch.save({"params": full, "local_numel": local, "placeholders": placeholders}, f"{out}.rank{rank}.pt")
+    deepspeed.comm.barrier()
+    sys.stdout.flush()
+    # ZeRO-3 with gloo on CPU can abort in interpreter teardown ("terminate called without an active
+    # exception") after all work is done and saved; skip the teardown.
+    os._exit(0)
 
 
 if __name__ == "__main__":
