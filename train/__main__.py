@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from typing import NoReturn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,5 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def cli(argv: list[str] | None = None) -> NoReturn:
+    """`python -m train` and `rwkv-train`: `main`, then exit with its code without interpreter teardown.
+
+    After a distributed run has finished (checkpoint written, process group destroyed), DeepSpeed's and
+    gloo's native threads can still abort the interpreter's teardown ("terminate called without an
+    active exception", SIGABRT); a launcher or scheduler would then see -6 instead of the run's 0 or 2.
+    """
+    rc = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
