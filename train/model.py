@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
 from train.models import architecture
@@ -66,6 +67,22 @@ class RWKV(nn.Module):
             with _gathered(p) as writer:
                 if writer:
                     p.copy_(self._init_value(name, p, self.init_seed + index))
+
+    def _logits_with_stacked_state(
+        self, idx: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of idx (B, T) run through blocks that take and return one state tensor each
+        (`block(x, state[i]) -> (x, state)`), per-block gradient checkpointing under grad_cp; the new
+        states stacked as `state` is."""
+        x = self.emb(idx)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            if self.cfg.grad_cp and torch.is_grad_enabled():
+                x, s = checkpoint(block, x, state[i], use_reentrant=False)
+            else:
+                x, s = block(x, state[i])
+            new_states.append(s)
+        return self.head(self.ln_out(x)), torch.stack(new_states)
 
     def _init_value(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
         """The fp32 initial value of parameter `name` (p: its whole tensor; seed: its generator's)."""

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
 from train.model import RWKV, token_shift
@@ -280,15 +279,7 @@ class Model(RWKV):
         return self._parallel(idx, state)
 
     def _parallel(self, idx: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.emb(idx)
-        new_states = []
-        for i, block in enumerate(self.blocks):
-            if self.cfg.grad_cp and torch.is_grad_enabled():
-                x, s = checkpoint(block, x, state[i], use_reentrant=False)
-            else:
-                x, s = block(x, state[i])
-            new_states.append(s)
-        return self.head(self.ln_out(x)), torch.stack(new_states)
+        return self._logits_with_stacked_state(idx, state)
 
     # ----------------------------------------------------------------------------- RNN mode
     def init_state(

@@ -236,15 +236,7 @@ class Model(RWKV):
         expected = (self.cfg.n_layer, STATE_SLOTS, B, self.cfg.n_embd)
         if tuple(state.shape) != expected:
             raise ValueError(f"forward_with_state: state has shape {tuple(state.shape)}, expected {expected}")
-        x = self.emb(idx)
-        new_states = []
-        for i, block in enumerate(self.blocks):
-            if self.cfg.grad_cp and torch.is_grad_enabled():
-                x, s = checkpoint(block, x, state[i], use_reentrant=False)
-            else:
-                x, s = block(x, state[i])
-            new_states.append(s)
-        return self.head(self.ln_out(x)), torch.stack(new_states)
+        return self._logits_with_stacked_state(idx, state)
 
     # ----------------------------------------------------------------------------- RNN mode
     def init_state(
