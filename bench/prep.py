@@ -173,7 +173,9 @@ def job(kind: str, paths: list[str], spec: str, prefix: str, workers: int) -> No
 def run_job(kind: str, paths: list[str], spec: str, prefix: str, workers: int) -> dict:
     cmd = [sys.executable, __file__, "--_job", kind, "--_prefix", prefix, "--workers", str(workers),
            "--_spec", spec, "--_inputs", *paths]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    # As `python -m data_prep` runs (see data_prep/__main__.py), for both ways alike: no BLAS thread pool.
+    env = {**os.environ, **{v: os.environ.get(v, "1") for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{kind} job failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])

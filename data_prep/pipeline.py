@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,23 @@ def plan_shards(scans: list[dict], shards: int, max_records: int | None) -> list
 _W: dict[str, Any] = {}
 
 
+# A worker is one process per core and does no linear algebra; numpy's BLAS thread pool, if it starts
+# one per core, only spins beside it.
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Workers spawned inside see one BLAS thread, unless the user chose a number; ours is unchanged."""
+    unset = [v for v in _BLAS_THREAD_VARS if v not in os.environ]
+    os.environ.update({v: "1" for v in unset})
+    try:
+        yield
+    finally:
+        for v in unset:
+            os.environ.pop(v, None)
+
+
 def _init_worker(tokenizer_spec: str, eod_token: str | None, options: dict, single_threaded: bool) -> None:
     if single_threaded:
         # One process per core: the tokenizers' own thread pools would only compete with their siblings.
@@ -181,13 +199,7 @@ def encode_chunk(raws: list[Any]) -> dict:
         else:
             texts.append(text)
             sets.append(set_name)
-    ids = tok.encode_batch(texts) if texts else []
-    eod = [tok.eod_id] if _W["append_eod"] else []
-    flat: list[int] = []
-    for x in ids:
-        flat.extend(x)
-        flat.extend(eod)
-    sizes = np.fromiter((len(x) + len(eod) for x in ids), dtype=np.int64, count=len(ids))
+    flat, sizes = tok.encode_flat(texts, tok.eod_id if _W["append_eod"] else None)
     per_set: dict[str, list[int]] = {}
     for name, n in zip(sets, sizes.tolist(), strict=True):
         slot = per_set.setdefault(name, [0, 0])
@@ -241,7 +253,8 @@ class _Runner:
             ctx = mp.get_context("spawn")
             self.progress = ctx.Queue()  # per-chunk counts from workers that write whole shards
             options["progress"] = self.progress
-            self.pool = ctx.Pool(self.workers, _init_worker, (s.tokenizer, s.eod_token, options, True))
+            with _single_threaded_blas():
+                self.pool = ctx.Pool(self.workers, _init_worker, (s.tokenizer, s.eod_token, options, True))
         else:
             _init_worker(s.tokenizer, s.eod_token, options, False)
 

@@ -13,7 +13,10 @@ import ast
 import functools
 import hashlib
 import os
+from itertools import chain
 from pathlib import Path
+
+import numpy as np
 
 from data_prep.bytelevel_bpe import ByteLevelPieceEncoder
 from data_prep.sentencepiece_cache import SentencePieceChunkCache
@@ -47,6 +50,15 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_flat(self, texts: list[str], eod: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids in one array, each text followed by `eod` unless it is None, and each text's
+        count (eod included): what the pipeline writes, without a Python list per document."""
+        tail = [] if eod is None else [eod]
+        ids = self.encode_batch(texts)
+        flat = np.fromiter(chain.from_iterable(chain(x, tail) for x in ids), dtype=np.int64)
+        sizes = np.fromiter((len(x) + len(tail) for x in ids), dtype=np.int64, count=len(ids))
+        return flat, sizes
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -125,7 +137,8 @@ class SentencePieceTokenizer(Tokenizer):
         if self.eod_id < 0:
             raise ValueError(f"{path}: sentencepiece model has no EOS piece to use as end-of-document")
         self.identity = _file_identity(self.kind, self.path)
-        # An exact chunk cache for BPE models (see sentencepiece_cache); None for the others.
+        # An exact chunk cache for unigram and BPE models that split at whitespace (see
+        # sentencepiece_cache); None for the others.
         self._chunks = SentencePieceChunkCache.for_processor(self._sp)
 
     def encode(self, text: str) -> list[int]:
@@ -133,9 +146,14 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._chunks is not None:
-            return [self._chunks.encode(t) for t in texts]
+            return self._chunks.encode_batch(texts)
         # One C++ call for the whole batch; threads stay at 1 since the pipeline runs one per process.
         return self._sp.encode(texts, num_threads=1)
+
+    def encode_flat(self, texts: list[str], eod: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if self._chunks is not None:
+            return self._chunks.encode_flat(texts, -1 if eod is None else eod)
+        return super().encode_flat(texts, eod)
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
