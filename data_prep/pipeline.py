@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from . import documents
 from .binidx import BinIdxWriter, MMapIndexedDataset, best_dtype
@@ -428,6 +427,8 @@ def _scan(runner: _Runner, files: list[Path], s: PrepSettings, state_dir: Path) 
             for f in files}
     todo = [str(f) for f in files if keys[str(f)] not in cache]
     if todo:
+        from tqdm import tqdm  # here: workers, which import this module too, never show progress
+
         bar = tqdm(total=len(todo), unit="file", desc="scan", disable=not s.progress, file=sys.stderr)
         items = (((p, s.text_key, s.txt_mode), p) for p in todo)
         for path, res in runner.map_ordered(_scan_file, items, lookahead=max(runner.workers, 1)):
@@ -504,6 +505,8 @@ class _Progress:
     """The tokenize bar: records done, with docs/s, MB/s and tokens/s since the start."""
 
     def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
         self.bar = tqdm(total=total, unit="rec", desc="tokenize", disable=not enabled, file=sys.stderr,
                         smoothing=0.1)
         self.docs = self.bytes = self.tokens = 0

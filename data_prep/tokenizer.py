@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.bytelevel_bpe import ByteLevelPieceEncoder
 from data_prep.sentencepiece_cache import SentencePieceChunkCache
 
 WORLD_SPEC = "rwkv-world"
@@ -97,6 +96,8 @@ class HFTokenizer(Tokenizer):
             )
         self.eod_id = found[0]
         self.identity = _file_identity(self.kind, self.path)
+        from data_prep.bytelevel_bpe import ByteLevelPieceEncoder  # with `regex`, only where it is used
+
         self._pieces = ByteLevelPieceEncoder.for_tokenizer(self._tok)  # None unless byte-level BPE
 
     def encode(self, text: str) -> list[int]:

@@ -6,19 +6,20 @@
 // the normalized text, then unknown pieces (merged, or split into byte pieces under byte fallback).
 // What makes it faster is a cache of segmentations per whitespace-delimited chunk of the normalized
 // text: the caller only accepts a model in which no piece can span a U+2581 that follows another
-// character (see sentencepiece_native.py), so every segmentation breaks there.
+// character (see sentencepiece_cache.py), so every segmentation breaks there.
 //
 // BPE: a chunk's ids never depend on its neighbours, so cached ids are final. Chunks not seen before
 // are handed back to the caller, which encodes them with sentencepiece itself (`spx_missing`).
 //
-// Unigram: sentencepiece's Viterbi keeps the best score at each position in float32, summed from the
-// start of the text, and compares candidates in double. A chunk's best path can therefore depend on
-// the score P with which the text arrives at it, through rounding. Each cached chunk carries its best
-// path in exact arithmetic and the smallest margin by which any decision on that path was won; the
-// rounding error of a decision grows at most like (4 * chars + 2) * |P + score| * 2^-24, so the
-// cached path is used only when |P| is small enough for that margin to cover it. Otherwise the chunk
-// is segmented again, from P, by a replica of sentencepiece's Viterbi (EncodeOptimized). Either
-// way P moves on exactly as in sentencepiece: float(double(P) + score) along the path.
+// Unigram: sentencepiece's Viterbi (EncodeOptimized, as of sentencepiece 0.2.3) sums piece scores in
+// float32 from the start of the text, and re-bases them to 0 whenever the score at a position passes
+// +-1e5. A chunk's best path can therefore depend, through rounding, on the score P with which the
+// text arrives at it. Each cached chunk carries its best path in exact arithmetic and the smallest
+// margin by which any decision on that path was won; rounding moves a decision by at most
+// (4 * chars + 2) * (|P| + |chunk score|) * 2^-24, so the cached path is used only when |P| is small
+// enough for that margin to cover it (and for no re-basing to happen inside the chunk). Otherwise the
+// chunk is segmented again, from P, by a replica of sentencepiece's Viterbi. Either way P moves on as
+// in sentencepiece: float(P + score) along the path. Exact ties (margin 0) always take the replica.
 
 #include <cfloat>
 #include <cmath>
@@ -73,26 +74,45 @@ class Trie {
     empty_ = false;
   }
 
-  // After the last insert: tables for nodes with many children.
+  // After the last insert: tables for nodes with many children, and every node's children in one
+  // flat array (the lookups of a Viterbi pass stay in a few cache lines).
   void finish() {
-    for (Node &n : nodes_) {
-      if (n.dense >= 0 || n.kids.size() < kDenseFrom) continue;
-      n.dense = static_cast<int32_t>(dense_.size());
-      dense_.resize(dense_.size() + 256, -1);
-      for (const auto &k : n.kids) dense_[n.dense + k.first] = k.second;
-      n.kids.clear();
+    flat_.assign(nodes_.size(), Flat{});
+    kid_bytes_.clear();
+    kid_nodes_.clear();
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      Node &n = nodes_[i];
+      if (n.dense < 0 && n.kids.size() >= kDenseFrom) {
+        n.dense = static_cast<int32_t>(dense_.size());
+        dense_.resize(dense_.size() + 256, -1);
+        for (const auto &k : n.kids) dense_[n.dense + k.first] = k.second;
+        n.kids.clear();
+      }
+      flat_[i] = Flat{n.value, n.dense, static_cast<uint32_t>(kid_bytes_.size()), static_cast<uint32_t>(n.kids.size())};
+      for (const auto &k : n.kids) {
+        kid_bytes_.push_back(k.first);
+        kid_nodes_.push_back(k.second);
+      }
     }
+    finished_ = true;
   }
 
   int32_t child(int32_t node, unsigned char b) const {
-    const Node &n = nodes_[node];
-    if (n.dense >= 0) return dense_[n.dense + b];
-    for (const auto &k : n.kids)
-      if (k.first == b) return k.second;
+    if (!finished_) {
+      const Node &n = nodes_[node];
+      if (n.dense >= 0) return dense_[n.dense + b];
+      for (const auto &k : n.kids)
+        if (k.first == b) return k.second;
+      return -1;
+    }
+    const Flat &f = flat_[node];
+    if (f.dense >= 0) return dense_[f.dense + b];
+    for (uint32_t i = f.kids_at, end = f.kids_at + f.n_kids; i < end; ++i)
+      if (kid_bytes_[i] == b) return kid_nodes_[i];
     return -1;
   }
 
-  int32_t value(int32_t node) const { return nodes_[node].value; }
+  int32_t value(int32_t node) const { return finished_ ? flat_[node].value : nodes_[node].value; }
   bool empty() const { return empty_; }
 
   // Length of the longest key that is a prefix of s[0, n), 0 if none.
@@ -114,9 +134,18 @@ class Trie {
     int32_t dense = -1;  // offset of its table in dense_, or -1: look in kids
     std::vector<std::pair<unsigned char, int32_t>> kids;
   };
+  struct Flat {
+    int32_t value = -1;
+    int32_t dense = -1;
+    uint32_t kids_at = 0, n_kids = 0;
+  };
   std::vector<Node> nodes_;
   std::vector<int32_t> dense_;
+  std::vector<Flat> flat_;
+  std::vector<unsigned char> kid_bytes_;
+  std::vector<int32_t> kid_nodes_;
   bool empty_ = true;
+  bool finished_ = false;
 };
 
 // Read access to a darts-clone double array: the format of a precompiled charsmap's trie.
@@ -385,15 +414,12 @@ class Encoder {
     type_.assign(types, types + n);
     score_.assign(scores, scores + n);
     std::fill(std::begin(byte_ids_), std::end(byte_ids_), unk_id);
-    float min_score = FLT_MAX, max_score = FLT_MIN;  // as sentencepiece initialises them
+    float min_score = FLT_MAX;  // as sentencepiece initialises it
     for (int32_t i = 0; i < n; ++i) {
       const std::string_view piece(blob + offsets[i], offsets[i + 1] - offsets[i]);
       if (types[i] == kNormal || types[i] == kUserDefined || types[i] == kUnused) pieces_.insert(piece, i);
       if (types[i] == kUserDefined) norm.add_user_defined(piece, i);
-      if (types[i] == kNormal) {
-        min_score = std::min(min_score, scores[i]);
-        max_score = std::max(max_score, scores[i]);
-      }
+      if (types[i] == kNormal) min_score = std::min(min_score, scores[i]);
       if (piece.size() == 6 && piece.substr(0, 3) == "<0x" && piece[5] == '>' && types[i] == 6) {
         const int b = static_cast<int>(std::strtol(std::string(piece.substr(3, 2)).c_str(), nullptr, 16));
         byte_ids_[b & 0xFF] = i;
@@ -401,7 +427,6 @@ class Encoder {
     }
     pieces_.finish();
     norm.user_defined.finish();
-    max_score_ = max_score;
     unk_score_ = min_score - kUnkPenalty;
     return true;
   }
@@ -432,20 +457,23 @@ class Encoder {
   const std::vector<std::string> &missing() const { return missing_; }
 
   void add(const int32_t *ids, const int64_t *offsets) {
+    missing_entries_.clear();
     for (size_t m = 0; m < missing_.size(); ++m)
-      insert(missing_[m], ids + offsets[m], static_cast<uint32_t>(offsets[m + 1] - offsets[m]), nullptr, 0,
-             0.0);
+      missing_entries_.push_back(insert(missing_[m], ids + offsets[m],
+                                        static_cast<uint32_t>(offsets[m + 1] - offsets[m]), nullptr, 0, 0.0));
     missing_.clear();
   }
 
+  // BPE: the output from the entries the lookup pass found (missing ones now added).
   int64_t assemble() {
     out_.clear();
+    size_t r = 0;
     for (size_t k = 0; k < texts_.size(); ++k) {
       const size_t before = out_.size();
-      for_each_chunk(texts_[k], [&](std::string_view chunk) {
-        const Entry &e = *cache_.find(chunk);
+      for (size_t end = r + refs_per_text_[k]; r < end; ++r) {
+        const Entry &e = refs_[r].ids_len == kMissingRef ? missing_entries_[refs_[r].ids_at] : refs_[r];
         out_.insert(out_.end(), ids_.begin() + e.ids_at, ids_.begin() + e.ids_at + e.ids_len);
-      });
+      }
       if (eod_ >= 0) out_.push_back(eod_);
       sizes_[k] = static_cast<int64_t>(out_.size() - before);
     }
@@ -508,13 +536,28 @@ class Encoder {
     return cache_.insert(chunk, e);
   }
 
+  // BPE: one lookup pass; each chunk's entry, or the number of the missing chunk it waits for.
   int64_t bpe_encode() {
     missing_.clear();
-    std::unordered_map<std::string_view, int> seen;
+    refs_.clear();
+    refs_per_text_.clear();
+    std::unordered_map<std::string_view, uint32_t> missing_index;
     for (const auto &t : texts_) {
-      for_each_chunk(t, [&](std::string_view chunk) {
-        if (cache_.find(chunk) == nullptr && seen.emplace(chunk, 0).second) missing_.emplace_back(chunk);
-      });
+      split(t);
+      const size_t n = chunks_.size();
+      for (size_t i = 0; i < n; ++i) {
+        if (i + kSlotsAhead < n) cache_.prefetch_slot(chunks_[i + kSlotsAhead].second);
+        if (i + kEntriesAhead < n) cache_.prefetch_entry(chunks_[i + kEntriesAhead].second);
+        const Entry *e = cache_.find(chunks_[i].first, chunks_[i].second);
+        if (e != nullptr) {
+          refs_.push_back(*e);
+          continue;
+        }
+        const auto [it, added] = missing_index.emplace(chunks_[i].first, static_cast<uint32_t>(missing_.size()));
+        if (added) missing_.emplace_back(chunks_[i].first);
+        refs_.push_back(Entry{it->second, kMissingRef, 0, 0, 0.0});
+      }
+      refs_per_text_.push_back(n);
     }
     if (!missing_.empty()) return -static_cast<int64_t>(missing_.size());
     return assemble();
@@ -619,13 +662,18 @@ class Encoder {
     return margin;
   }
 
-  void unigram_text(const std::string &text) {
+  // chunks_ = the text's chunks with their hashes, and the first slots asked for. Callers then ask,
+  // before looking up chunk i, for the slots and entries of the chunks a little further on.
+  void split(const std::string &text) {
     chunks_.clear();
     for_each_chunk(text, [&](std::string_view chunk) { chunks_.emplace_back(chunk, ChunkTable::hash(chunk)); });
-    constexpr size_t kSlotsAhead = 16, kEntriesAhead = 8;
-    const size_t n = chunks_.size();
-    for (size_t i = 0; i < std::min(n, kSlotsAhead); ++i) cache_.prefetch_slot(chunks_[i].second);
+    for (size_t i = 0; i < std::min(chunks_.size(), kSlotsAhead); ++i) cache_.prefetch_slot(chunks_[i].second);
+  }
+
+  void unigram_text(const std::string &text) {
+    split(text);
     float p = 0.0f;
+    const size_t n = chunks_.size();
     for (size_t i = 0; i < n; ++i) {
       if (i + kSlotsAhead < n) cache_.prefetch_slot(chunks_[i + kSlotsAhead].second);
       if (i + kEntriesAhead < n) cache_.prefetch_entry(chunks_[i + kEntriesAhead].second);
@@ -641,8 +689,8 @@ class Encoder {
         double max_abs = 0.0;
         viterbi<true>(chunk, 0.0f, &max_abs);
         const double margin = path_ids(chunk, tmp_ids_, tmp_scores_);
-        size_t chars = 0;
-        for (size_t i = 0; i < chunk.size(); i += one_char_len(chunk.data() + i)) ++chars;
+        size_t chars = 0;  // bytes that start a character
+        for (char c : chunk) chars += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
         // Decisions hold while margin > (4 chars + 2) * (|P| + max_abs) * 2^-24 (plus slack for the
         // double arithmetic of the exact pass), and no score in the chunk reaches the re-basing
         // threshold while |P| + max_abs, plus rounding, stays below it.
@@ -672,7 +720,6 @@ class Encoder {
   std::vector<int32_t> type_;
   std::vector<float> score_;
   int32_t byte_ids_[256];
-  float max_score_ = 0.0f;
   float unk_score_ = 0.0f;
 
   ChunkTable cache_;
@@ -681,12 +728,17 @@ class Encoder {
 
   std::vector<std::string> texts_;
   std::vector<std::string> missing_;
+  static constexpr uint32_t kMissingRef = 0xFFFFFFFFu;  // an Entry's ids_len: ids_at numbers a missing chunk
+  std::vector<Entry> refs_;
+  std::vector<size_t> refs_per_text_;
+  std::vector<Entry> missing_entries_;
   std::vector<int32_t> out_;
   std::vector<int64_t> sizes_;
   int32_t eod_ = -1;
 
   std::vector<Node> nodes_;
   std::vector<std::pair<std::string_view, uint64_t>> chunks_;
+  static constexpr size_t kSlotsAhead = 16, kEntriesAhead = 8;
   std::vector<size_t> path_;
   std::vector<int32_t> tmp_ids_;
   std::vector<float> tmp_scores_;
