@@ -318,11 +318,14 @@ class ChunkTable {
   void prefetch_entry(uint64_t h) const {
     if (slots_.empty()) return;
     const Slot &s = slots_[h & mask_];
-    if (s.entry != kFree) {
-      const Keyed &k = entries_[s.entry];
-      __builtin_prefetch(&k);
-      __builtin_prefetch(keys_.data() + k.key_at);
-    }
+    if (s.entry != kFree) __builtin_prefetch(&entries_[s.entry]);  // short keys are inside
+  }
+
+  // The entry in the key's first slot, unchecked: only to prefetch what it points to.
+  const Entry *peek(uint64_t h) const {
+    if (slots_.empty()) return nullptr;
+    const Slot &s = slots_[h & mask_];
+    return s.entry == kFree ? nullptr : &entries_[s.entry].entry;
   }
 
   static uint64_t hash(std::string_view key) { return std::hash<std::string_view>{}(key); }
@@ -335,19 +338,27 @@ class ChunkTable {
       if (s.entry == kFree) return nullptr;
       if (s.tag != tag) continue;
       const Keyed &k = entries_[s.entry];
-      if (k.key_len == key.size() && std::memcmp(keys_.data() + k.key_at, key.data(), key.size()) == 0)
-        return &k.entry;
+      if (k.key_len == key.size() && std::memcmp(key_data(k), key.data(), key.size()) == 0) return &k.entry;
     }
   }
 
   // `key` (not empty) must not be in the table yet.
-  const Entry &insert(std::string_view key, const Entry &entry) {
+  const Entry &insert(std::string_view key, const Entry &entry) { return insert(key, hash(key), entry); }
+
+  const Entry &insert(std::string_view key, uint64_t h, const Entry &entry) {
     if ((entries_.size() + 1) * 2 > slots_.size()) grow();
-    const uint64_t h = hash(key);
     free_slot(h) = Slot{static_cast<uint32_t>(h >> 32), static_cast<uint32_t>(entries_.size())};
-    entries_.push_back(Keyed{static_cast<uint64_t>(keys_.size()), static_cast<uint32_t>(key.size()), entry});
-    keys_.append(key);
-    return entries_.back().entry;
+    Keyed &k = entries_.emplace_back();
+    k.hash = h;
+    k.key_len = static_cast<uint32_t>(key.size());
+    k.entry = entry;
+    if (key.size() <= kInline) {
+      std::memcpy(k.inline_key, key.data(), key.size());
+    } else {
+      k.key_at = keys_.size();
+      keys_.append(key);
+    }
+    return k.entry;
   }
 
   size_t size() const { return entries_.size(); }
@@ -364,13 +375,17 @@ class ChunkTable {
     uint32_t tag;
     uint32_t entry;  // kFree: empty
   };
-  struct Keyed {
-    uint64_t key_at;
+  static constexpr size_t kInline = 16;
+  // One cache line: the entry, and the key itself when it is short (most chunks are).
+  struct alignas(64) Keyed {
+    uint64_t hash;    // kept: growing the table does not hash the keys again
+    uint64_t key_at;  // in keys_, for keys longer than kInline
     uint32_t key_len;
     Entry entry;
+    char inline_key[kInline];
   };
 
-  uint64_t hash_of(const Keyed &k) const { return hash(std::string_view(keys_.data() + k.key_at, k.key_len)); }
+  const char *key_data(const Keyed &k) const { return k.key_len <= kInline ? k.inline_key : keys_.data() + k.key_at; }
 
   Slot &free_slot(uint64_t h) {
     size_t i = h & mask_;
@@ -379,10 +394,10 @@ class ChunkTable {
   }
 
   void grow() {
-    slots_.assign(std::max<size_t>(slots_.size() * 2, 1 << 18), Slot{0, kFree});
+    slots_.assign(std::max<size_t>(slots_.size() * 2, 1 << 19), Slot{0, kFree});
     mask_ = slots_.size() - 1;
     for (size_t e = 0; e < entries_.size(); ++e) {
-      const uint64_t h = hash_of(entries_[e]);
+      const uint64_t h = entries_[e].hash;
       free_slot(h) = Slot{static_cast<uint32_t>(h >> 32), static_cast<uint32_t>(e)};
     }
   }
@@ -460,7 +475,8 @@ class Encoder {
     missing_entries_.clear();
     for (size_t m = 0; m < missing_.size(); ++m)
       missing_entries_.push_back(insert(missing_[m], ids + offsets[m],
-                                        static_cast<uint32_t>(offsets[m + 1] - offsets[m]), nullptr, 0, 0.0));
+                                        static_cast<uint32_t>(offsets[m + 1] - offsets[m]), nullptr, 0, 0.0,
+                                        ChunkTable::hash(missing_[m])));
     missing_.clear();
   }
 
@@ -528,12 +544,12 @@ class Encoder {
   }
 
   const Entry &insert(std::string_view chunk, const int32_t *ids, uint32_t n_ids, const float *scores,
-                      uint32_t n_scores, double max_abs_p) {
+                      uint32_t n_scores, double max_abs_p, uint64_t hash) {
     Entry e{static_cast<uint32_t>(ids_.size()), n_ids, static_cast<uint32_t>(path_scores_.size()), n_scores,
             max_abs_p};
     ids_.insert(ids_.end(), ids, ids + n_ids);
     if (n_scores) path_scores_.insert(path_scores_.end(), scores, scores + n_scores);
-    return cache_.insert(chunk, e);
+    return cache_.insert(chunk, hash, e);
   }
 
   // BPE: one lookup pass; each chunk's entry, or the number of the missing chunk it waits for.
@@ -677,6 +693,7 @@ class Encoder {
     for (size_t i = 0; i < n; ++i) {
       if (i + kSlotsAhead < n) cache_.prefetch_slot(chunks_[i + kSlotsAhead].second);
       if (i + kEntriesAhead < n) cache_.prefetch_entry(chunks_[i + kEntriesAhead].second);
+      if (i + kDataAhead < n) prefetch_data(chunks_[i + kDataAhead].second);
       p = unigram_chunk(chunks_[i].first, chunks_[i].second, p);
     }
   }
@@ -699,7 +716,7 @@ class Encoder {
         const double max_abs_p = std::min((margin - 1e-9) / per_unit - max_abs,
                                           kScoreResetThreshold / (1.0 + (chars + 1.0) * unit) - max_abs - 1e-3);
         e = &insert(chunk, tmp_ids_.data(), static_cast<uint32_t>(tmp_ids_.size()), tmp_scores_.data(),
-                    static_cast<uint32_t>(tmp_scores_.size()), max_abs_p);
+                    static_cast<uint32_t>(tmp_scores_.size()), max_abs_p, hash);
       }
       if (e != nullptr && (use_cache == 2 || std::fabs(static_cast<double>(p)) < e->max_abs_p)) {
         out_.insert(out_.end(), ids_.begin() + e->ids_at, ids_.begin() + e->ids_at + e->ids_len);
@@ -738,7 +755,14 @@ class Encoder {
 
   std::vector<Node> nodes_;
   std::vector<std::pair<std::string_view, uint64_t>> chunks_;
-  static constexpr size_t kSlotsAhead = 16, kEntriesAhead = 8;
+  static constexpr size_t kSlotsAhead = 16, kEntriesAhead = 8, kDataAhead = 4;
+
+  void prefetch_data(uint64_t h) const {
+    if (const Entry *e = cache_.peek(h)) {
+      __builtin_prefetch(ids_.data() + e->ids_at);
+      if (e->scores_len) __builtin_prefetch(path_scores_.data() + e->scores_at);
+    }
+  }
   std::vector<size_t> path_;
   std::vector<int32_t> tmp_ids_;
   std::vector<float> tmp_scores_;
