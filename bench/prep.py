@@ -208,7 +208,7 @@ def build_tokenizer(kind: str, tmp: Path) -> str:
     if kind in ("sp", "sp-bpe"):
         from data_prep.train_tokenizer import train_sentencepiece
 
-        # "sp" is unigram (sentencepiece's default); "sp-bpe" is the kind the chunk cache takes.
+        # "sp" is unigram (sentencepiece's default), "sp-bpe" BPE; both take our exact chunk cache.
         model_type = "bpe" if kind == "sp-bpe" else "unigram"
         return str(train_sentencepiece([str(p) for p in DEMO], str(tmp / kind), vocab_size=2048,
                                        model_type=model_type, max_sentences=50_000))
