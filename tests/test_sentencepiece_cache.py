@@ -25,21 +25,20 @@ ALPHABET = list("ab cdSsTt  \n\t\r\x0b\x0c0189.,;:!?-_'\"()[]{}<|>") + [
     "日本", "語", "😀", "\u2581", "\u2581\u2581", "\x00", "\x1f", "\u200b", "the", " the ", "and",
 ]
 
+# What this project's trainer sets (data_prep/train_tokenizer.py).
+LIKE_OURS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                 allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], byte_fallback=True)
 # (name, trainer options); BPE unless the name starts with "unigram".
 MODELS = {
     "nmt_nfkc": {},
-    "identity_like_ours": dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
-                               allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-                               byte_fallback=True),
+    "identity_like_ours": LIKE_OURS,
     "no_dummy_prefix": dict(add_dummy_prefix=False),
     "split_digits_byte_fallback": dict(split_digits=True, byte_fallback=True),
     "nfkc_keep_spaces": dict(normalization_rule_name="nfkc", remove_extra_whitespaces=False,
                              allow_whitespace_only_pieces=True),
     "no_split_by_whitespace": dict(split_by_whitespace=False),
     "unigram_nmt_nfkc": {},
-    "unigram_identity_like_ours": dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                       allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-                                       byte_fallback=True),
+    "unigram_identity_like_ours": LIKE_OURS,
     "unigram_no_dummy_prefix": dict(add_dummy_prefix=False),
     "unigram_split_digits_byte_fallback": dict(split_digits=True, byte_fallback=True),
     # Case folding; user-defined symbols pass the normalizer untouched and always win the Viterbi.
