@@ -48,6 +48,11 @@ MODELS = {
     "unigram_unknowns_keep_spaces": dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
                                          character_coverage=0.995),
     "unigram_no_split_by_whitespace": dict(split_by_whitespace=False),
+    # No charsmap (the normalizer's fast path) with whitespace collapsing; a user-defined symbol that
+    # starts with a space sends every space through the general path.
+    "identity_collapse_spaces": dict(normalization_rule_name="identity", user_defined_symbols=["::"]),
+    "unigram_identity_collapse_spaces": dict(normalization_rule_name="identity"),
+    "unigram_identity_space_symbol": dict(normalization_rule_name="identity", user_defined_symbols=[" ::"]),
 }
 
 
