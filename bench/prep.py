@@ -173,8 +173,10 @@ def job(kind: str, paths: list[str], spec: str, prefix: str, workers: int) -> No
 def run_job(kind: str, paths: list[str], spec: str, prefix: str, workers: int) -> dict:
     cmd = [sys.executable, __file__, "--_job", kind, "--_prefix", prefix, "--workers", str(workers),
            "--_spec", spec, "--_inputs", *paths]
+    from data_prep import BLAS_THREAD_VARS
+
     # As `python -m data_prep` runs (see data_prep/__main__.py), for both ways alike: no BLAS thread pool.
-    env = {**os.environ, **{v: os.environ.get(v, "1") for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}}
+    env = {**os.environ, **{v: os.environ.get(v, "1") for v in BLAS_THREAD_VARS}}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{kind} job failed:\n{r.stderr}")

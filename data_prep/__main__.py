@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
-# Before numpy loads: prep does no linear algebra, and a BLAS thread pool per core would only spin
-# beside the workers (a tenth of the CPU time of a fast tokenizer's run). A user's setting is kept.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+from . import BLAS_THREAD_VARS
+
+# Before numpy loads (a BLAS pool per core spun for a tenth of a fast tokenizer's CPU time).
+for _var in BLAS_THREAD_VARS:
     os.environ.setdefault(_var, "1")
 
 from .readers import TXT_MODES  # noqa: E402

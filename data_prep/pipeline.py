@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import documents
+from . import BLAS_THREAD_VARS, documents
 from .binidx import BinIdxWriter, MMapIndexedDataset, best_dtype
 from .manifest import FORMAT, FORMAT_VERSION, manifest_path, read_json, write_json_atomic
 from .output_paths import check_writable_file
@@ -149,15 +149,10 @@ def plan_shards(scans: list[dict], shards: int, max_records: int | None) -> list
 _W: dict[str, Any] = {}
 
 
-# A worker is one process per core and does no linear algebra; numpy's BLAS thread pool, if it starts
-# one per core, only spins beside it.
-_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
 @contextmanager
 def _single_threaded_blas() -> Iterator[None]:
     """Workers spawned inside see one BLAS thread, unless the user chose a number; ours is unchanged."""
-    unset = [v for v in _BLAS_THREAD_VARS if v not in os.environ]
+    unset = [v for v in BLAS_THREAD_VARS if v not in os.environ]
     os.environ.update({v: "1" for v in unset})
     try:
         yield

@@ -470,7 +470,7 @@ class Encoder {
   int32_t unk_id = 0;
   size_t max_cached_chunks = 1000000;
 
-  bool init(const char *blob, const int64_t *offsets, const float *scores, const int32_t *types,
+  void init(const char *blob, const int64_t *offsets, const float *scores, const int32_t *types,
             int32_t n) {
     type_.assign(types, types + n);
     score_.assign(scores, scores + n);
@@ -489,7 +489,6 @@ class Encoder {
     pieces_.finish();
     norm.user_defined.finish();
     unk_score_ = min_score - kUnkPenalty;
-    return true;
   }
 
   // Encodes texts[k] = data[offsets[k], offsets[k + 1]). Returns the number of ids, or for BPE minus
@@ -829,11 +828,11 @@ void *spx_new(int32_t model_type, int32_t flags, int32_t unk_id, const char *blo
   e->byte_fallback = flags & 4;
   e->unk_id = unk_id;
   e->max_cached_chunks = static_cast<size_t>(max_cached_chunks);
-  if ((model_type != kUnigram && model_type != kBpe) || !e->norm.set_charsmap(charsmap, charsmap_size) ||
-      !e->init(blob, offsets, scores, types, n_pieces)) {
+  if ((model_type != kUnigram && model_type != kBpe) || !e->norm.set_charsmap(charsmap, charsmap_size)) {
     delete e;
     return nullptr;
   }
+  e->init(blob, offsets, scores, types, n_pieces);
   return e;
 }
 
